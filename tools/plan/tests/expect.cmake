@@ -1,0 +1,33 @@
+# Runs PROGRAM with ARGS ('|'-separated), then checks that it exited with
+# EXPECT_CODE and that STREAM (stdout or stderr) matches REGEX. For an
+# expected failure it also checks that stdout is empty and stderr is one line.
+# Used by tools/plan/tests/CMakeLists.txt; run with cmake -P.
+if(ARGS STREQUAL "")
+  set(args "")
+else()
+  string(REPLACE "|" ";" args "${ARGS}")
+endif()
+execute_process(COMMAND "${PROGRAM}" ${args}
+                RESULT_VARIABLE code OUTPUT_VARIABLE out ERROR_VARIABLE err)
+message("exit status: ${code}\n--- stdout ---\n${out}--- stderr ---\n${err}--------------")
+if(NOT code STREQUAL "${EXPECT_CODE}")
+  message(FATAL_ERROR "expected exit status ${EXPECT_CODE}, got ${code}")
+endif()
+if(STREAM STREQUAL "stdout")
+  set(text "${out}")
+else()
+  set(text "${err}")
+endif()
+if(NOT text MATCHES "${REGEX}")
+  message(FATAL_ERROR "${STREAM} does not match: ${REGEX}")
+endif()
+if(NOT EXPECT_CODE STREQUAL "0")
+  if(NOT out STREQUAL "")
+    message(FATAL_ERROR "a failing run printed to stdout")
+  endif()
+  string(REGEX MATCHALL "\n" newlines "${err}")
+  list(LENGTH newlines n)
+  if(NOT n EQUAL 1)
+    message(FATAL_ERROR "expected exactly one line on stderr, got ${n}")
+  endif()
+endif()
