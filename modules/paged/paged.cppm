@@ -31,6 +31,20 @@
 // work). In `Storage::none` mode there is no arena: page ids and block tables
 // only, for engines that keep the KV tensors on the GPU.
 //
+// Prefix sharing (kvcache.prefix): `allocate_paged(id, prompt, hash, n)`
+// names the first n prompt tokens a prefix. The first request with a hash
+// registers its first ceil(n / page_size) pages of every layer; later requests
+// with the hash list those page ids in their own block tables (one more
+// reference each) and take new pages only for the rest of their prompt. A
+// prompt that continues inside the prefix's partial last page copies that
+// page at allocation. Copy-on-write: a request writes a page in place only
+// when no other request holds it and, if the registry holds it, that request
+// registered it; any other write (append, write_kv) copies the page first.
+// When its requests are gone a prefix's pages stay cached (counted in
+// cached_pages) until an allocation needs them: then whole prefixes are
+// evicted, least recently used first, and only when that makes the
+// allocation succeed. `fork` shares every page of a request with a new one.
+//
 // Out of memory is all-or-nothing everywhere: every call that needs pages
 // counts them first and takes them only when all are available; anything that
 // can throw (vector growth, map nodes) happens before the first page is taken.
@@ -43,6 +57,7 @@ module;
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -56,6 +71,7 @@ import kvcache.config;
 import kvcache.errors;
 import kvcache.storage;
 import kvcache.allocator;
+import kvcache.prefix;
 
 export namespace kvcache {
 
@@ -73,6 +89,8 @@ struct PagedStats {
   Tokens stored_tokens;  // tokens held, summed over requests and layers
   Tokens page_size;
   Bytes bytes_per_page;
+  std::size_t registered_prefixes = 0;  // prefixes the registry holds now
+  PrefixCounters prefix;                // cumulative: hits, savings, copies, evictions
 };
 
 // What an engine's scheduler may do with a request of a given prompt length.
@@ -90,12 +108,40 @@ class PagedKVCache {
   // name. Throws std::bad_alloc when the arena's address space cannot be had.
   PagedKVCache(ModelConfig config, Bytes budget, Tokens page_size,
                Storage storage = Storage::host);
+  // Movable, not copyable. Views and block tables of the moved-from cache
+  // stay valid for the moved-to one (the storage does not move).
+  PagedKVCache(PagedKVCache&&) noexcept = default;
+  PagedKVCache& operator=(PagedKVCache&& other) noexcept;
+  PagedKVCache(const PagedKVCache&) = delete;
+  PagedKVCache& operator=(const PagedKVCache&) = delete;
+  ~PagedKVCache() = default;
 
   // Takes ceil(prompt / page_size) pages in every layer, all-or-nothing. The
   // prompt's tokens count as stored at once (zero bytes until written).
   // Returns false, changing nothing, for a duplicate id, then when the pages
   // cannot be had. Throws std::overflow_error when the page count overflows.
   [[nodiscard]] bool allocate_paged(std::string_view id, Tokens prompt);
+
+  // As above, the first `prefix_tokens` of the prompt being the prefix named
+  // `prefix_hash`: a registered hash shares its pages (a hit), an unknown one
+  // is registered by this request (a miss). Throws std::invalid_argument for
+  // an empty hash, a prefix of 0 tokens or longer than the prompt, or a
+  // registered hash with another length; then false for a duplicate id, then
+  // false when the pages cannot be had even after evicting cached prefixes.
+  [[nodiscard]] bool allocate_paged(std::string_view id, Tokens prompt,
+                                    std::string_view prefix_hash, Tokens prefix_tokens);
+
+  // The child shares every page of the parent (parallel sampling, beam
+  // search); later writes copy on write. Throws UnknownRequest for an unknown
+  // parent; returns false for an existing child id.
+  [[nodiscard]] bool fork(std::string_view parent_id, std::string_view child_id);
+
+  // Operators: drops the registry's references of one prefix (false when the
+  // hash is not registered), or of all (returns how many). Pages that
+  // requests still hold stay theirs.
+  bool evict_prefix(std::string_view prefix_hash);
+  std::size_t clear_prefix_cache();
+  [[nodiscard]] bool has_prefix(std::string_view prefix_hash) const noexcept;
 
   // Appends one token at the end of `layer`, taking a page only when the
   // layer's last page is full. Returns false, changing nothing, when no page
@@ -149,7 +195,7 @@ class PagedKVCache {
 
   // Tokens held by the request pages / (those pages * page_size), each
   // physical page once; 0.0 when no request holds a page. In [0, 1].
-  [[nodiscard]] double memory_efficiency() const noexcept;
+  [[nodiscard]] double memory_efficiency() const;
 
   [[nodiscard]] PagedStats stats() const noexcept;
 
@@ -157,9 +203,11 @@ class PagedKVCache {
   // Pages a new request of `prompt` tokens takes: num_layers * ceil(prompt / page_size).
   [[nodiscard]] Pages pages_needed_to_allocate(Tokens prompt) const;
   // Pages the next append_token_all_layers(id) takes: the number of layers
-  // whose last page is full (or that hold no page). Throws UnknownRequest.
+  // whose last page is full (or that hold no page) or shared (copy on
+  // write). Throws UnknownRequest.
   [[nodiscard]] Pages pages_needed_to_append(std::string_view id) const;
-  // True when allocate_paged of a new id with `prompt` tokens would succeed now.
+  // True when allocate_paged of a new id with `prompt` tokens would succeed
+  // now (counting pages that evicting cached prefixes would free).
   [[nodiscard]] bool can_allocate(Tokens prompt) const;
   // now / later (fits in the empty cache) / never (larger than the pool).
   [[nodiscard]] Admission admission(Tokens prompt) const;
@@ -173,9 +221,10 @@ class PagedKVCache {
   [[nodiscard]] const ModelConfig& config() const noexcept { return config_; }
   [[nodiscard]] Tokens page_size() const noexcept { return page_size_; }
   [[nodiscard]] Bytes bytes_per_page() const noexcept { return bytes_per_page_; }
-  [[nodiscard]] Pages total_pages() const noexcept { return pool_.capacity(); }
+  [[nodiscard]] Pages total_pages() const noexcept { return registry_->total_pages(); }
   [[nodiscard]] Storage storage() const noexcept { return storage_; }
-  [[nodiscard]] const PagePool& pool() const noexcept { return pool_; }
+  [[nodiscard]] const PagePool& pool() const noexcept { return registry_->pool(); }
+  [[nodiscard]] const PrefixRegistry& registry() const noexcept { return *registry_; }
   // Live request ids, in no particular order.
   [[nodiscard]] std::vector<std::string> request_ids() const;
 
@@ -184,8 +233,9 @@ class PagedKVCache {
 
  private:
   struct Request {
-    std::vector<std::vector<PageId>> tables;  // per layer, token order
-    std::vector<std::uint64_t> tokens;        // per layer
+    std::vector<PageList> tables;       // per layer, token order; releases on destruction
+    std::vector<std::uint64_t> tokens;  // per layer
+    std::uint64_t serial = 0;           // unique, never reused (copy-on-write rule)
   };
   struct IdHash {
     using is_transparent = void;
@@ -199,39 +249,49 @@ class PagedKVCache {
   [[nodiscard]] const Request& find(const char* where, std::string_view id) const;
   [[nodiscard]] Request& find(const char* where, std::string_view id);
   void require_host(const char* where) const;
+  [[nodiscard]] Request make_request(Tokens prompt) const;
   [[nodiscard]] PageId take_page() noexcept;
-  void drop_page(PageId page) noexcept;
+  [[nodiscard]] PageId copy_page(PageId from, std::size_t slots) noexcept;
   [[nodiscard]] std::byte* slot_key(PageId page, std::size_t slot) noexcept;
   [[nodiscard]] std::byte* slot_value(PageId page, std::size_t slot) noexcept;
   void write_slot(PageId page, std::size_t slot, std::span<const std::byte> key,
                   std::span<const std::byte> value) noexcept;
   void zero_slot(PageId page, std::size_t slot) noexcept;
   [[nodiscard]] bool layer_last_page_full(const Request& r, std::size_t layer) const noexcept;
-  [[nodiscard]] bool append_one(std::string_view id, Request& r, std::size_t layer,
-                                std::span<const std::byte> key, std::span<const std::byte> value);
+  [[nodiscard]] std::size_t slots_used(const Request& r, std::size_t layer,
+                                       std::size_t index) const noexcept;
+  [[nodiscard]] bool needs_page_to_append(const Request& r, std::size_t layer) const noexcept;
+  [[nodiscard]] bool make_writable(Request& r, std::size_t layer, std::size_t index) noexcept;
+  [[nodiscard]] bool append_one(Request& r, std::size_t layer, std::span<const std::byte> key,
+                                std::span<const std::byte> value);
+  [[nodiscard]] double scan_efficiency() const;
 
   // Invariants:
-  //   INV-PAGED-1  free + used + cached == total pages (pool conservation)
+  //   INV-PAGED-1  free + used + cached == total pages (conservation)
   //   INV-PAGED-2  every layer's table holds exactly ceil(tokens / page_size) pages
   //   INV-PAGED-3  every page's pool reference count equals the number of
-  //                block-table entries that hold it; a page is free exactly
-  //                when nothing holds it (no page both free and held)
+  //                block-table entries that hold it plus one if the registry
+  //                holds it; a page is free exactly when nothing holds it
   //   INV-PAGED-4  written_[p] <= page_size, and a page just taken from the
   //                pool has written_[p] == 0 (unwritten slots read as zero)
-  //   INV-PAGED-5  stored_ == sum of tokens over requests and layers, and
-  //                stored_ <= used pages * page_size (efficiency in [0, 1])
+  //   INV-PAGED-5  stored_ == sum of tokens over requests and layers
   //   INV-PAGED-6  a failed allocation or append changes nothing (all-or-nothing)
+  //   INV-PAGED-7  copy-on-write: a page is written in place only by its only
+  //                request holder, and a registry page only by its registrant
   ModelConfig config_;
   Tokens page_size_;
   Bytes row_bytes_;        // kv_bytes_per_token_per_layer
   Bytes bytes_per_page_;   // 2 * page_size * row_bytes_
   Storage storage_;
-  PagePool pool_;
+  // Heap-allocated so that its address, which every PageList keeps, survives
+  // a move of the cache. Declared before requests_: destroyed after them.
+  std::unique_ptr<PrefixRegistry> registry_;
   detail::LazyBuffer arena_;             // total_pages * bytes_per_page (host mode)
   std::vector<std::uint32_t> written_;   // per page: written mark (host mode)
   std::vector<std::byte> zero_row_;      // row_bytes_ zeros, served for unwritten slots
   Map requests_;
   Tokens stored_;
+  std::uint64_t next_serial_ = 1;
 };
 
 }  // namespace kvcache
