@@ -106,9 +106,9 @@ KVView BasicKVCache::get_kv(std::string_view id, std::size_t layer) const {
   const auto cap = static_cast<std::size_t>(r.capacity.count());
   const auto n = static_cast<std::size_t>(r.count[layer]);
   const std::byte* base = r.data.data();
-  return KVView{TokenRows(base == nullptr ? nullptr : base + (2 * layer * cap * row), n, row),
+  return KVView{TokenRows(base == nullptr ? nullptr : base + (2 * layer * cap * row), n, row, row),
                 TokenRows(base == nullptr ? nullptr : base + ((2 * layer + 1) * cap * row), n,
-                          row)};
+                          row, row)};
 }
 
 void BasicKVCache::free(std::string_view id) {

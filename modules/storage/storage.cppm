@@ -45,7 +45,7 @@ enum class Storage : std::uint8_t {
 // The rows of K (or of V) of one layer of one request, in token order.
 //
 // Two shapes, one type:
-//  - contiguous (BasicKVCache): row i at base + i * row_bytes;
+//  - contiguous (BasicKVCache): row i at base + i * stride;
 //  - paged (PagedKVCache): token i lives in page pages[i / page_tokens], slot
 //    s = i % page_tokens, at base + page * page_bytes + offset + s * row_bytes,
 //    where `offset` selects K or V inside the page. A slot at or past its
@@ -105,12 +105,14 @@ class TokenRows {
   };
 
   TokenRows() noexcept = default;
-  // Contiguous rows: row i at base + i * row_bytes.
-  TokenRows(const std::byte* base, std::size_t count, std::size_t row_bytes) noexcept
-      : base_(base), count_(count), row_bytes_(row_bytes) {}
+  // Contiguous rows: row i at base + i * stride, row_bytes long.
+  TokenRows(const std::byte* base, std::size_t count, std::size_t row_bytes,
+            std::size_t stride) noexcept
+      : base_(base), count_(count), row_bytes_(row_bytes), stride_(stride) {}
   // Paged rows, see `Paged`.
   TokenRows(const Paged& paged, std::size_t count, std::size_t row_bytes) noexcept
-      : base_(paged.arena), count_(count), row_bytes_(row_bytes), paged_(paged) {}
+      : base_(paged.arena), count_(count), row_bytes_(row_bytes), stride_(row_bytes),
+        paged_(paged) {}
 
   [[nodiscard]] std::size_t size() const noexcept { return count_; }
   [[nodiscard]] bool empty() const noexcept { return count_ == 0; }
@@ -119,7 +121,7 @@ class TokenRows {
   // REQUIRES: i < size() (unchecked, like std::span; use at() for a check).
   // O(1): one division to find the page.
   [[nodiscard]] std::span<const std::byte> operator[](std::size_t i) const noexcept {
-    if (paged_.pages == nullptr) return {base_ + (i * row_bytes_), row_bytes_};
+    if (paged_.pages == nullptr) return {base_ + (i * stride_), row_bytes_};
     const std::size_t page = paged_.pages[i / paged_.page_tokens].index();
     const std::size_t slot = i % paged_.page_tokens;
     if (slot >= paged_.written[page]) return {paged_.zero_row, row_bytes_};
@@ -140,6 +142,7 @@ class TokenRows {
   const std::byte* base_ = nullptr;
   std::size_t count_ = 0;
   std::size_t row_bytes_ = 0;
+  std::size_t stride_ = 0;
   Paged paged_;
 };
 
