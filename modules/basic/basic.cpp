@@ -4,6 +4,7 @@ module;
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -39,7 +40,9 @@ bool BasicKVCache::allocate(std::string_view id, Tokens prompt, Tokens max_gen) 
 
   // Everything that can throw (mapping, vectors, the map node) happens before
   // the first change to the counters: the strong guarantee.
-  Request r{prompt + max_gen, detail::LazyBuffer(gsl::narrow<std::size_t>(bytes.count())),
+  const auto size = gsl::narrow<std::size_t>(bytes.count());
+  Request r{prompt + max_gen,
+            size == 0 ? nullptr : std::make_unique_for_overwrite<std::byte[]>(size), size,
             std::vector<std::uint64_t>(config_.num_layers, 0)};
   requests_.emplace(std::string(id), std::move(r));
   used_ += bytes;
@@ -78,8 +81,8 @@ void BasicKVCache::append_token(std::string_view id, std::size_t layer,
   // No throw from here on.
   const std::size_t row = key.size();
   const std::size_t cap = static_cast<std::size_t>(r.capacity.count());
-  std::byte* k = r.data.data() + ((2 * layer * cap + n) * row);
-  std::byte* v = r.data.data() + (((2 * layer + 1) * cap + n) * row);
+  std::byte* k = r.data.get() + ((2 * layer * cap + n) * row);
+  std::byte* v = r.data.get() + (((2 * layer + 1) * cap + n) * row);
   if (row != 0) {
     std::memcpy(k, key.data(), row);
     std::memcpy(v, value.data(), row);
@@ -105,7 +108,7 @@ KVView BasicKVCache::get_kv(std::string_view id, std::size_t layer) const {
   const auto row = static_cast<std::size_t>(row_bytes_.count());
   const auto cap = static_cast<std::size_t>(r.capacity.count());
   const auto n = static_cast<std::size_t>(r.count[layer]);
-  const std::byte* base = r.data.data();
+  const std::byte* base = r.data.get();
   return KVView{TokenRows(base == nullptr ? nullptr : base + (2 * layer * cap * row), n, row, row),
                 TokenRows(base == nullptr ? nullptr : base + ((2 * layer + 1) * cap * row), n,
                           row, row)};
@@ -172,7 +175,7 @@ bool BasicKVCache::check_invariants() const {
     }
     used += bytes;
     reserved += r.capacity.count();
-    if (r.data.size() != bytes) return false;                       // INV-BASIC-5
+    if (r.size != bytes || (bytes != 0) != (r.data != nullptr)) return false;  // INV-BASIC-5
     if (r.count.size() != config_.num_layers) return false;
     for (const std::uint64_t n : r.count) {
       if (n > r.capacity.count()) return false;                     // INV-BASIC-4

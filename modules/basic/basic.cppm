@@ -8,14 +8,19 @@
 // own mapping), so the figure compared with paging is exactly the
 // reservation waste.
 //
-// Data layout: each request owns one LazyBuffer of exactly its reservation,
-// laid out layer-major:
+// Data layout: each request owns one uninitialised heap block of exactly its
+// reservation, laid out layer-major:
 //     [layer 0: K rows (capacity) | V rows (capacity)] [layer 1: ...] ...
 // where a row is kv_bytes_per_token_per_layer() bytes and capacity is
 // prompt + max_gen tokens. Token t of layer l: K at (2l * capacity + t) * row,
-// V at ((2l + 1) * capacity + t) * row. The buffer is an anonymous mapping,
-// so the reservation costs address space, and resident memory grows only with
-// the rows actually appended.
+// V at ((2l + 1) * capacity + t) * row. The block is allocated without being
+// initialised (make_unique_for_overwrite), so the reservation costs address
+// space and resident memory grows only with the rows actually appended: large
+// blocks come from fresh mappings, and nothing writes them until an append.
+// (Rows are read only below the layer's token count, so they need no zeroing.)
+// A heap block rather than a mapping of its own per request: a process has a
+// limited number of mappings (vm.max_map_count, 65,530 by default), and the
+// allocator packs small reservations together.
 //
 // Tokens are stored by append_token only: a fresh request holds 0 tokens in
 // every layer, and each layer holds at most `capacity` tokens.
@@ -27,6 +32,7 @@ module;
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -105,7 +111,8 @@ class BasicKVCache {
  private:
   struct Request {
     Tokens capacity;                   // prompt + max_gen
-    detail::LazyBuffer data;           // capacity * bytes_per_token bytes, layer-major
+    std::unique_ptr<std::byte[]> data;  // capacity * bytes_per_token bytes, layer-major
+    std::size_t size = 0;               // bytes of `data`
     std::vector<std::uint64_t> count;  // tokens stored per layer
   };
   struct IdHash {
