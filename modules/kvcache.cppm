@@ -9,3 +9,5 @@ export import kvcache.errors;
 export import kvcache.storage;
 export import kvcache.allocator;
 export import kvcache.basic;
+export import kvcache.prefix;
+export import kvcache.paged;

@@ -74,13 +74,15 @@ class PagePool {
   // changes nothing either. O(n).
   [[nodiscard]] bool allocate(Pages n, std::vector<PageHandle>& out);
 
-  // Adds a reference to a live page. Throws StalePage when `h` does not name
-  // a live page of its generation, std::overflow_error at 2^32 - 1 references.
+  // Adds a reference to a live page. Throws std::out_of_range for a page
+  // outside the pool, StalePage when `h` does not name a live page of its
+  // generation, std::overflow_error at 2^32 - 1 references; each changes nothing.
   void retain(PageHandle h);
 
   // Drops one reference. Returns true when that was the last one and the page
-  // went back to the tail of the free list. Throws StalePage (changing
-  // nothing) for a stale handle or a double release.
+  // went back to the tail of the free list. Throws std::out_of_range for a
+  // page outside the pool, StalePage for a stale handle or a double release;
+  // each changes nothing.
   bool release(PageHandle h);
 
   // Takes a specific free page out of the free list with one reference, O(1).

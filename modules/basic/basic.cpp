@@ -3,7 +3,10 @@ module;
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -18,28 +21,49 @@ module kvcache.basic;
 
 namespace kvcache {
 
+void detail::FreeBytes::operator()(std::byte* p) const noexcept { std::free(p); }
+
 BasicKVCache::BasicKVCache(ModelConfig config, Bytes budget)
     : config_(config),
       budget_(budget),
       row_bytes_(config.kv_bytes_per_token_per_layer()),  // validates the config
       bytes_per_token_(config.bytes_per_token()) {}
 
-Bytes BasicKVCache::reservation_bytes(Tokens prompt, Tokens max_gen) const {
-  return bytes_for(prompt + max_gen, bytes_per_token_);  // both checked: overflow_error
+Bytes BasicKVCache::reservation_bytes(const char* where, std::string_view id, Tokens prompt,
+                                      Tokens max_gen) const {
+  const std::uint64_t max = Tokens::max().count();
+  const bool sum_overflows = prompt.count() > max - max_gen.count();
+  if (sum_overflows ||
+      prompt.count() + max_gen.count() > max / bytes_per_token_.count()) {
+    throw std::overflow_error(
+        std::string("kvcache: ") + where + ": request \"" + std::string(id) + "\": prompt " +
+        std::to_string(prompt.count()) + " + max_gen " + std::to_string(max_gen.count()) +
+        (sum_overflows ? " tokens overflows 64 bits"
+                       : " tokens at " + std::to_string(bytes_per_token_.count()) +
+                             " bytes per token overflows 64 bits"));
+  }
+  return bytes_for(prompt + max_gen, bytes_per_token_);
 }
 
 bool BasicKVCache::can_allocate(Tokens prompt, Tokens max_gen) const {
-  return reservation_bytes(prompt, max_gen) <= budget_ - used_;
+  return reservation_bytes("BasicKVCache::can_allocate", "", prompt, max_gen) <= budget_ - used_;
 }
 
 bool BasicKVCache::allocate(std::string_view id, Tokens prompt, Tokens max_gen) {
-  const Bytes bytes = reservation_bytes(prompt, max_gen);  // argument checks throw first
+  // Argument checks throw first.
+  const Bytes bytes = reservation_bytes("BasicKVCache::allocate", id, prompt, max_gen);
   if (requests_.find(id) != requests_.end()) return false;  // then the duplicate id
   if (bytes > budget_ - used_) return false;                // then memory (INV-BASIC-2)
 
   // Everything that can throw (mapping, vectors, the map node) happens before
   // the first change to the counters: the strong guarantee.
-  Request r{prompt + max_gen, detail::LazyBuffer(gsl::narrow<std::size_t>(bytes.count())),
+  const auto size = gsl::narrow<std::size_t>(bytes.count());
+  std::unique_ptr<std::byte[], detail::FreeBytes> data;
+  if (size != 0) {
+    data.reset(static_cast<std::byte*>(std::malloc(size)));  // uninitialised: lazily committed
+    if (data == nullptr) throw std::bad_alloc();
+  }
+  Request r{prompt + max_gen, std::move(data), size,
             std::vector<std::uint64_t>(config_.num_layers, 0)};
   requests_.emplace(std::string(id), std::move(r));
   used_ += bytes;
@@ -78,8 +102,8 @@ void BasicKVCache::append_token(std::string_view id, std::size_t layer,
   // No throw from here on.
   const std::size_t row = key.size();
   const std::size_t cap = static_cast<std::size_t>(r.capacity.count());
-  std::byte* k = r.data.data() + ((2 * layer * cap + n) * row);
-  std::byte* v = r.data.data() + (((2 * layer + 1) * cap + n) * row);
+  std::byte* k = r.data.get() + ((2 * layer * cap + n) * row);
+  std::byte* v = r.data.get() + (((2 * layer + 1) * cap + n) * row);
   if (row != 0) {
     std::memcpy(k, key.data(), row);
     std::memcpy(v, value.data(), row);
@@ -105,7 +129,7 @@ KVView BasicKVCache::get_kv(std::string_view id, std::size_t layer) const {
   const auto row = static_cast<std::size_t>(row_bytes_.count());
   const auto cap = static_cast<std::size_t>(r.capacity.count());
   const auto n = static_cast<std::size_t>(r.count[layer]);
-  const std::byte* base = r.data.data();
+  const std::byte* base = r.data.get();
   return KVView{TokenRows(base == nullptr ? nullptr : base + (2 * layer * cap * row), n, row, row),
                 TokenRows(base == nullptr ? nullptr : base + ((2 * layer + 1) * cap * row), n,
                           row, row)};
@@ -172,7 +196,7 @@ bool BasicKVCache::check_invariants() const {
     }
     used += bytes;
     reserved += r.capacity.count();
-    if (r.data.size() != bytes) return false;                       // INV-BASIC-5
+    if (r.size != bytes || (bytes != 0) != (r.data != nullptr)) return false;  // INV-BASIC-5
     if (r.count.size() != config_.num_layers) return false;
     for (const std::uint64_t n : r.count) {
       if (n > r.capacity.count()) return false;                     // INV-BASIC-4

@@ -8,14 +8,19 @@
 // own mapping), so the figure compared with paging is exactly the
 // reservation waste.
 //
-// Data layout: each request owns one LazyBuffer of exactly its reservation,
-// laid out layer-major:
+// Data layout: each request owns one uninitialised heap block of exactly its
+// reservation, laid out layer-major:
 //     [layer 0: K rows (capacity) | V rows (capacity)] [layer 1: ...] ...
 // where a row is kv_bytes_per_token_per_layer() bytes and capacity is
 // prompt + max_gen tokens. Token t of layer l: K at (2l * capacity + t) * row,
-// V at ((2l + 1) * capacity + t) * row. The buffer is an anonymous mapping,
-// so the reservation costs address space, and resident memory grows only with
-// the rows actually appended.
+// V at ((2l + 1) * capacity + t) * row. The block is allocated without being
+// initialised (std::malloc), so the reservation costs address
+// space and resident memory grows only with the rows actually appended: large
+// blocks come from fresh mappings, and nothing writes them until an append.
+// (Rows are read only below the layer's token count, so they need no zeroing.)
+// A heap block rather than a mapping of its own per request: a process has a
+// limited number of mappings (vm.max_map_count, 65,530 by default), and the
+// allocator packs small reservations together.
 //
 // Tokens are stored by append_token only: a fresh request holds 0 tokens in
 // every layer, and each layer holds at most `capacity` tokens.
@@ -27,6 +32,7 @@ module;
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -39,6 +45,18 @@ import kvcache.units;
 import kvcache.config;
 import kvcache.errors;
 import kvcache.storage;
+
+export namespace kvcache::detail {
+
+// Deleter for the malloc'd blocks of BasicKVCache. malloc, not operator new:
+// a failed malloc returns null, which the cache turns into std::bad_alloc with
+// nothing changed, and this holds under AddressSanitizer too (its throwing
+// operator new aborts the process on an impossible size instead).
+struct FreeBytes {
+  void operator()(std::byte* p) const noexcept;
+};
+
+}  // namespace kvcache::detail
 
 export namespace kvcache {
 
@@ -56,6 +74,12 @@ class BasicKVCache {
  public:
   // Throws std::invalid_argument (naming the field) for an invalid config.
   BasicKVCache(ModelConfig config, Bytes budget);
+  // Movable, not copyable (a copy would duplicate every reservation).
+  BasicKVCache(BasicKVCache&&) noexcept = default;
+  BasicKVCache& operator=(BasicKVCache&&) noexcept = default;
+  BasicKVCache(const BasicKVCache&) = delete;
+  BasicKVCache& operator=(const BasicKVCache&) = delete;
+  ~BasicKVCache() = default;
 
   // Reserves (prompt + max_gen) * bytes_per_token for `id`.
   // Throws std::overflow_error when prompt + max_gen or its byte size
@@ -105,7 +129,8 @@ class BasicKVCache {
  private:
   struct Request {
     Tokens capacity;                   // prompt + max_gen
-    detail::LazyBuffer data;           // capacity * bytes_per_token bytes, layer-major
+    std::unique_ptr<std::byte[], detail::FreeBytes> data;  // capacity * bytes_per_token, layer-major
+    std::size_t size = 0;               // bytes of `data`
     std::vector<std::uint64_t> count;  // tokens stored per layer
   };
   struct IdHash {
@@ -118,7 +143,9 @@ class BasicKVCache {
 
   [[nodiscard]] const Request& find(const char* where, std::string_view id) const;
   [[nodiscard]] Request& find(const char* where, std::string_view id);
-  [[nodiscard]] Bytes reservation_bytes(Tokens prompt, Tokens max_gen) const;
+  // (prompt + max_gen) * bytes_per_token; std::overflow_error naming `id`.
+  [[nodiscard]] Bytes reservation_bytes(const char* where, std::string_view id, Tokens prompt,
+                                        Tokens max_gen) const;
 
   // Invariants:
   //   INV-BASIC-1  used_ == sum over requests of capacity * bytes_per_token

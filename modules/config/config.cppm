@@ -45,8 +45,8 @@ struct ModelConfig {
     // Multiply in the order of the formula, naming the factor that overflows.
     std::uint64_t acc = num_kv_heads;  // fits: a uint32
     acc = times(acc, head_dim, "head_dim");
-    acc = times(acc, dtype_bytes, "dtype_bytes");
-    acc = times(acc, 2, "K and V (2 *)");
+    // dtype_bytes counts twice (K and V); 2 * a uint32 fits in 64 bits.
+    acc = times(acc, std::uint64_t{dtype_bytes} * 2U, "dtype_bytes");
     static_cast<void>(times(acc, num_layers, "num_layers"));
   }
 
@@ -108,9 +108,9 @@ struct ModelConfig {
   static constexpr std::uint64_t times(std::uint64_t acc, std::uint64_t factor,
                                        const char* field) {
     if (acc > std::numeric_limits<std::uint64_t>::max() / factor) {
-      throw std::invalid_argument(std::string("kvcache: ModelConfig: ") + field + " = " +
-                                  std::to_string(factor) +
-                                  " makes the KV bytes per token overflow 64 bits");
+      throw std::invalid_argument(std::string("kvcache: ModelConfig: ") + field +
+                                  " makes the KV bytes per token overflow 64 bits (" +
+                                  std::to_string(acc) + " * " + std::to_string(factor) + ")");
     }
     return acc * factor;
   }

@@ -33,6 +33,8 @@ module;
 
 export module kvcache.storage;
 
+import kvcache.units;
+
 export namespace kvcache {
 
 enum class Storage : std::uint8_t {
@@ -41,7 +43,16 @@ enum class Storage : std::uint8_t {
 };
 
 // The rows of K (or of V) of one layer of one request, in token order.
-// Rows are `stride` bytes apart in one run of memory, `row_bytes` long.
+//
+// Two shapes, one type:
+//  - contiguous (BasicKVCache): row i at base + i * stride;
+//  - paged (PagedKVCache): token i lives in page pages[i / page_tokens], slot
+//    s = i % page_tokens, at base + page * page_bytes + offset + s * row_bytes,
+//    where `offset` selects K or V inside the page. A slot at or past its
+//    page's written mark (`written[page]`) has never been written by its
+//    holders and reads as the shared all-zero row instead: freed pages are
+//    reused without being cleared, and no reader sees another request's
+//    stale bytes.
 class TokenRows {
  public:
   class iterator {
@@ -82,18 +93,39 @@ class TokenRows {
     std::size_t i_ = 0;
   };
 
+  // Where the rows of one paged layer are (for the library's caches).
+  struct Paged {
+    const std::byte* arena = nullptr;        // page p starts at arena + p * page_bytes
+    const PageId* pages = nullptr;           // the block table
+    const std::uint32_t* written = nullptr;  // per page: slots [0, written) were written
+    const std::byte* zero_row = nullptr;     // row_bytes zero bytes
+    std::size_t page_tokens = 0;             // slots per page
+    std::size_t page_bytes = 0;
+    std::size_t offset = 0;                  // 0 for K, page_tokens * row_bytes for V
+  };
+
   TokenRows() noexcept = default;
+  // Contiguous rows: row i at base + i * stride, row_bytes long.
   TokenRows(const std::byte* base, std::size_t count, std::size_t row_bytes,
             std::size_t stride) noexcept
       : base_(base), count_(count), row_bytes_(row_bytes), stride_(stride) {}
+  // Paged rows, see `Paged`.
+  TokenRows(const Paged& paged, std::size_t count, std::size_t row_bytes) noexcept
+      : base_(paged.arena), count_(count), row_bytes_(row_bytes), stride_(row_bytes),
+        paged_(paged) {}
 
   [[nodiscard]] std::size_t size() const noexcept { return count_; }
   [[nodiscard]] bool empty() const noexcept { return count_ == 0; }
   [[nodiscard]] std::size_t row_bytes() const noexcept { return row_bytes_; }
 
   // REQUIRES: i < size() (unchecked, like std::span; use at() for a check).
+  // O(1): one division to find the page.
   [[nodiscard]] std::span<const std::byte> operator[](std::size_t i) const noexcept {
-    return {base_ + (i * stride_), row_bytes_};
+    if (paged_.pages == nullptr) return {base_ + (i * stride_), row_bytes_};
+    const std::size_t page = paged_.pages[i / paged_.page_tokens].index();
+    const std::size_t slot = i % paged_.page_tokens;
+    if (slot >= paged_.written[page]) return {paged_.zero_row, row_bytes_};
+    return {base_ + (page * paged_.page_bytes) + paged_.offset + (slot * row_bytes_), row_bytes_};
   }
   // Throws std::out_of_range when i >= size().
   [[nodiscard]] std::span<const std::byte> at(std::size_t i) const {
@@ -111,6 +143,7 @@ class TokenRows {
   std::size_t count_ = 0;
   std::size_t row_bytes_ = 0;
   std::size_t stride_ = 0;
+  Paged paged_;
 };
 
 // What get_kv returns: `auto [keys, values] = cache.get_kv(id, layer);`

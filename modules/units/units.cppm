@@ -38,7 +38,9 @@ module;
 
 export module kvcache.units;
 
-namespace kvcache::detail {
+// detail is exported (never documented as API) so that argument-dependent
+// lookup finds the cross-unit functions: `bytes_for(t, b)` works unqualified.
+export namespace kvcache::detail {
 
 // Checked arithmetic on the raw counts. `what` names the operation in the
 // message, e.g. "Bytes +".
@@ -166,6 +168,33 @@ struct PagesTag {
   static constexpr const char* times = "Pages *";
 };
 
+// Cross-unit operations, named for what they mean (re-exported in kvcache).
+// Tokens held by `pages` pages of `page_size` tokens each.
+[[nodiscard]] constexpr Quantity<TokensTag> tokens_in(Quantity<PagesTag> pages, Quantity<TokensTag> page_size) {
+  return Quantity<TokensTag>{checked_mul(pages.count(), page_size.count(), "Pages * page size")};
+}
+
+// Bytes taken by `tokens` tokens of `bytes_per_token` bytes each.
+[[nodiscard]] constexpr Quantity<BytesTag> bytes_for(Quantity<TokensTag> tokens, Quantity<BytesTag> bytes_per_token) {
+  return Quantity<BytesTag>{checked_mul(tokens.count(), bytes_per_token.count(),
+                                   "Tokens * bytes per token")};
+}
+
+// Bytes taken by `pages` pages of `bytes_per_page` bytes each.
+[[nodiscard]] constexpr Quantity<BytesTag> bytes_for(Quantity<PagesTag> pages, Quantity<BytesTag> bytes_per_page) {
+  return Quantity<BytesTag>{
+      checked_mul(pages.count(), bytes_per_page.count(), "Pages * bytes per page")};
+}
+
+// Pages needed to hold `tokens` tokens: ceil(tokens / page_size). Never
+// overflows (it is computed without `tokens + page_size - 1`).
+// A zero page size throws std::invalid_argument.
+[[nodiscard]] constexpr Quantity<PagesTag> pages_for(Quantity<TokensTag> tokens, Quantity<TokensTag> page_size) {
+  if (page_size.count() == 0) throw std::invalid_argument("kvcache: pages_for: page size is 0");
+  const std::uint64_t whole = tokens.count() / page_size.count();
+  return Quantity<PagesTag>{whole + (tokens.count() % page_size.count() != 0 ? 1U : 0U)};
+}
+
 }  // namespace kvcache::detail
 
 export namespace kvcache {
@@ -174,31 +203,9 @@ using Bytes = detail::Quantity<detail::BytesTag>;
 using Tokens = detail::Quantity<detail::TokensTag>;
 using Pages = detail::Quantity<detail::PagesTag>;
 
-// Tokens held by `pages` pages of `page_size` tokens each.
-[[nodiscard]] constexpr Tokens tokens_in(Pages pages, Tokens page_size) {
-  return Tokens{detail::checked_mul(pages.count(), page_size.count(), "Pages * page size")};
-}
-
-// Bytes taken by `tokens` tokens of `bytes_per_token` bytes each.
-[[nodiscard]] constexpr Bytes bytes_for(Tokens tokens, Bytes bytes_per_token) {
-  return Bytes{detail::checked_mul(tokens.count(), bytes_per_token.count(),
-                                   "Tokens * bytes per token")};
-}
-
-// Bytes taken by `pages` pages of `bytes_per_page` bytes each.
-[[nodiscard]] constexpr Bytes bytes_for(Pages pages, Bytes bytes_per_page) {
-  return Bytes{
-      detail::checked_mul(pages.count(), bytes_per_page.count(), "Pages * bytes per page")};
-}
-
-// Pages needed to hold `tokens` tokens: ceil(tokens / page_size). Never
-// overflows (it is computed without `tokens + page_size - 1`).
-// A zero page size throws std::invalid_argument.
-[[nodiscard]] constexpr Pages pages_for(Tokens tokens, Tokens page_size) {
-  if (page_size.count() == 0) throw std::invalid_argument("kvcache: pages_for: page size is 0");
-  const std::uint64_t whole = tokens.count() / page_size.count();
-  return Pages{whole + (tokens.count() % page_size.count() != 0 ? 1U : 0U)};
-}
+using detail::bytes_for;
+using detail::pages_for;
+using detail::tokens_in;
 
 // The name of one page of the pool. Default-constructed it names no page
 // (`PageId::none()`).

@@ -407,7 +407,7 @@ TEST(BasicKVCacheTest, OverflowMessageNamesTheNumbers) {
 // not name the request id, while CONTRACT.md "Errors" says "Messages name the
 // request id and the numbers involved" (every other throw of BasicKVCache
 // does name it).
-TEST(BasicKVCacheTest, DISABLED_OverflowMessageNamesTheRequestId) {
+TEST(BasicKVCacheTest, OverflowMessageNamesTheRequestId) {
   BasicKVCache cache(kSmall, tokens_bytes(10));
   const std::string sum = message_of<std::overflow_error>(
       [&] { (void)cache.allocate("req-overflow", Tokens::max(), Tokens{1}); });

@@ -232,7 +232,7 @@ TEST(ModelConfigTest, AllFieldsAtTheirMaximumThrowInvalidArgument) {
 // and V does not, the message is "ModelConfig: K and V (2 *) = 2 makes the KV
 // bytes per token overflow 64 bits": it names none of the four fields, while
 // the contract asks for "a message that names the field".
-TEST(ModelConfigTest, DISABLED_OverflowingKAndVDoublingNamesAField) {
+TEST(ModelConfigTest, OverflowingKAndVDoublingNamesAField) {
   // (2^32 - 1)^2 * 1 fits; times 2 for K and V does not.
   const ModelConfig cfg{1, kMax32, kMax32, 1};
   EXPECT_FALSE(cfg.valid());

@@ -1,0 +1,671 @@
+// Implementation of kvcache.paged: see paged.cppm for the design.
+module;
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <gsl/narrow>
+
+#include "kvcache/contracts.hpp"
+
+module kvcache.paged;
+
+namespace kvcache {
+
+namespace {
+
+Pages pool_pages(Bytes budget, Bytes bytes_per_page) {
+  const std::uint64_t n = budget / bytes_per_page;
+  if (n > PagePool::max_capacity) {
+    throw std::invalid_argument("kvcache: PagedKVCache: a budget of " +
+                                std::to_string(budget.count()) + " bytes gives " +
+                                std::to_string(n) + " pages of " +
+                                std::to_string(bytes_per_page.count()) +
+                                " bytes, more than the " +
+                                std::to_string(PagePool::max_capacity) +
+                                " a PageId can name; use a larger page size");
+  }
+  return Pages{n};
+}
+
+Bytes checked_page_bytes(const ModelConfig& config, Tokens page_size) {
+  config.validate();
+  if (page_size.count() == 0) {
+    throw std::invalid_argument("kvcache: PagedKVCache: page_size is 0; it must be at least 1");
+  }
+  return config.bytes_per_page(page_size);
+}
+
+std::string quoted(std::string_view s) { return "\"" + std::string(s) + "\""; }
+
+}  // namespace
+
+PagedKVCache::PagedKVCache(ModelConfig config, Bytes budget, Tokens page_size, Storage storage)
+    : config_(config),
+      page_size_(page_size),
+      row_bytes_(config.kv_bytes_per_token_per_layer()),  // validates the config
+      bytes_per_page_(checked_page_bytes(config, page_size)),
+      storage_(storage),
+      registry_(std::make_unique<PrefixRegistry>(pool_pages(budget, bytes_per_page_))) {
+  if (storage_ == Storage::host) {
+    const Bytes arena = bytes_for(registry_->total_pages(), bytes_per_page_);
+    arena_ = detail::LazyBuffer(gsl::narrow<std::size_t>(arena.count()));
+    written_.assign(gsl::narrow<std::size_t>(registry_->total_pages().count()), 0);
+    zero_row_.assign(gsl::narrow<std::size_t>(row_bytes_.count()), std::byte{0});
+  }
+}
+
+PagedKVCache& PagedKVCache::operator=(PagedKVCache&& other) noexcept {
+  if (this == &other) return *this;
+  requests_.clear();  // release our pages into our registry while it exists
+  config_ = other.config_;
+  page_size_ = other.page_size_;
+  row_bytes_ = other.row_bytes_;
+  bytes_per_page_ = other.bytes_per_page_;
+  storage_ = other.storage_;
+  registry_ = std::move(other.registry_);
+  arena_ = std::move(other.arena_);
+  written_ = std::move(other.written_);
+  zero_row_ = std::move(other.zero_row_);
+  requests_ = std::move(other.requests_);
+  stored_ = other.stored_;
+  next_serial_ = other.next_serial_;
+  return *this;
+}
+
+std::size_t PagedKVCache::to_index(Tokens t) {
+  // A position past SIZE_MAX is past every layer's end: clamp, and the range
+  // check in write_kv rejects it with std::out_of_range.
+  if (t.count() > SIZE_MAX) return SIZE_MAX;
+  return static_cast<std::size_t>(t.count());
+}
+
+const PagedKVCache::Request& PagedKVCache::find(const char* where, std::string_view id) const {
+  const auto it = requests_.find(id);
+  if (it == requests_.end()) detail::throw_unknown_request(where, id);
+  return it->second;
+}
+
+PagedKVCache::Request& PagedKVCache::find(const char* where, std::string_view id) {
+  const auto it = requests_.find(id);
+  if (it == requests_.end()) detail::throw_unknown_request(where, id);
+  return it->second;
+}
+
+void PagedKVCache::require_host(const char* where) const {
+  if (storage_ == Storage::none) {
+    throw std::logic_error(std::string("kvcache: ") + where +
+                           ": this cache keeps no KV bytes (Storage::none)");
+  }
+}
+
+// ---- pages and slots ---------------------------------------------------------
+
+PageId PagedKVCache::take_page() noexcept {
+  const PageId page = registry_->take();
+  if (storage_ == Storage::host) written_[page.index()] = 0;  // INV-PAGED-4: O(1), no zeroing
+  return page;
+}
+
+PageId PagedKVCache::copy_page(PageId from, std::size_t slots) noexcept {
+  const PageId to = take_page();
+  if (storage_ == Storage::host) {
+    // Copy what the writer can see of the page and nothing past it: the
+    // copied slots past `slots` read as zero (contract: partial prefix page).
+    const std::size_t n = std::min<std::size_t>(slots, written_[from.index()]);
+    const auto row = static_cast<std::size_t>(row_bytes_.count());
+    if (n != 0) {
+      std::memcpy(slot_key(to, 0), slot_key(from, 0), n * row);
+      std::memcpy(slot_value(to, 0), slot_value(from, 0), n * row);
+    }
+    written_[to.index()] = static_cast<std::uint32_t>(n);
+  }
+  ++registry_->counters().cow_copies;
+  return to;
+}
+
+std::byte* PagedKVCache::slot_key(PageId page, std::size_t slot) noexcept {
+  const auto row = static_cast<std::size_t>(row_bytes_.count());
+  const auto bpp = static_cast<std::size_t>(bytes_per_page_.count());
+  return arena_.data() + (page.index() * bpp) + (slot * row);
+}
+
+std::byte* PagedKVCache::slot_value(PageId page, std::size_t slot) noexcept {
+  const auto row = static_cast<std::size_t>(row_bytes_.count());
+  const auto ps = static_cast<std::size_t>(page_size_.count());
+  return slot_key(page, slot) + (ps * row);
+}
+
+void PagedKVCache::write_slot(PageId page, std::size_t slot, std::span<const std::byte> key,
+                              std::span<const std::byte> value) noexcept {
+  std::uint32_t& mark = written_[page.index()];
+  // Slots skipped over read as zero: clear them before moving the mark.
+  for (std::size_t s = mark; s < slot; ++s) zero_slot(page, s);
+  std::memcpy(slot_key(page, slot), key.data(), key.size());
+  std::memcpy(slot_value(page, slot), value.data(), value.size());
+  mark = std::max(mark, static_cast<std::uint32_t>(slot + 1));
+}
+
+void PagedKVCache::zero_slot(PageId page, std::size_t slot) noexcept {
+  const auto row = static_cast<std::size_t>(row_bytes_.count());
+  std::memset(slot_key(page, slot), 0, row);
+  std::memset(slot_value(page, slot), 0, row);
+}
+
+bool PagedKVCache::layer_last_page_full(const Request& r, std::size_t layer) const noexcept {
+  return r.tokens[layer] % page_size_.count() == 0;  // also true for a layer with no page
+}
+
+std::size_t PagedKVCache::slots_used(const Request& r, std::size_t layer,
+                                     std::size_t index) const noexcept {
+  const std::uint64_t before = std::uint64_t{index} * page_size_.count();
+  return static_cast<std::size_t>(std::min(page_size_.count(), r.tokens[layer] - before));
+}
+
+bool PagedKVCache::needs_page_to_append(const Request& r, std::size_t layer) const noexcept {
+  return layer_last_page_full(r, layer) || !registry_->writable_by(r.tables[layer].back(), r.serial);
+}
+
+// Copy-on-write: makes entry `index` of the layer's table writable by `r`,
+// copying the page when another holder shares it. Returns false, changing
+// nothing, when a copy is needed and no page can be had even after eviction.
+// O(1) plus the page copy.
+bool PagedKVCache::make_writable(Request& r, std::size_t layer, std::size_t index) noexcept {
+  PageList& table = r.tables[layer];
+  if (registry_->writable_by(table[index], r.serial)) return true;
+  if (registry_->free_pages() == Pages{0}) {
+    if (registry_->cached_pages() == Pages{0}) return false;  // nothing to evict: no change
+    // Evicting may drop the very registry reference that made the page
+    // shared; look again after each eviction.
+    while (registry_->free_pages() == Pages{0}) {
+      registry_->evict_lru();
+      if (registry_->writable_by(table[index], r.serial)) return true;
+    }
+  }
+  table.replace(index, copy_page(table[index], slots_used(r, layer, index)));
+  return true;
+}
+
+// ---- admission -----------------------------------------------------------------
+
+Pages PagedKVCache::pages_needed_to_allocate(Tokens prompt) const {
+  return pages_for(prompt, page_size_) * config_.num_layers;  // checked: overflow_error
+}
+
+bool PagedKVCache::can_allocate(Tokens prompt) const {
+  return pages_needed_to_allocate(prompt).count() <=
+         registry_->free_pages().count() + registry_->evictable_except(nullptr);
+}
+
+Admission PagedKVCache::admission(Tokens prompt) const {
+  const Pages need = pages_needed_to_allocate(prompt);
+  if (need > registry_->total_pages()) return Admission::never;
+  return can_allocate(prompt) ? Admission::now : Admission::later;
+}
+
+Tokens PagedKVCache::max_prompt_tokens() const noexcept {
+  return Tokens{registry_->total_pages().count() / config_.num_layers * page_size_.count()};
+}
+
+Pages PagedKVCache::pages_needed_to_append(std::string_view id) const {
+  const Request& r = find("PagedKVCache::pages_needed_to_append", id);
+  std::uint64_t n = 0;
+  for (std::size_t l = 0; l < r.tokens.size(); ++l) n += needs_page_to_append(r, l) ? 1U : 0U;
+  return Pages{n};
+}
+
+// ---- allocation ----------------------------------------------------------------
+
+PagedKVCache::Request PagedKVCache::make_request(Tokens prompt) const {
+  const auto per_layer = gsl::narrow<std::size_t>(pages_for(prompt, page_size_).count());
+  Request r;
+  r.tables.reserve(config_.num_layers);
+  for (std::uint32_t l = 0; l < config_.num_layers; ++l) {
+    r.tables.emplace_back(*registry_);
+    r.tables.back().reserve_more(per_layer);
+  }
+  r.tokens.assign(config_.num_layers, prompt.count());
+  return r;
+}
+
+bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt) {
+  const Pages need = pages_needed_to_allocate(prompt);  // argument check: overflow_error
+  if (requests_.find(id) != requests_.end()) return false;
+  if (need.count() > registry_->free_pages().count() + registry_->evictable_except(nullptr)) {
+    return false;  // INV-PAGED-6, INV-REF-4: decided before any change
+  }
+  // Everything that can throw happens before the first eviction or page.
+  Request r = make_request(prompt);
+  r.serial = next_serial_;
+  auto [it, inserted] = requests_.emplace(std::string(id), std::move(r));
+  KVCACHE_ASSERT(inserted);
+  ++next_serial_;
+  registry_->make_room(need.count(), nullptr);
+  const std::uint64_t per_layer = pages_for(prompt, page_size_).count();
+  for (PageList& table : it->second.tables) {
+    for (std::uint64_t k = 0; k < per_layer; ++k) table.adopt(take_page());
+  }
+  stored_ += tokens_in(Pages{config_.num_layers}, prompt);
+  KVCACHE_AUDIT(check_invariants());
+  return true;
+}
+
+bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt,
+                                  std::string_view prefix_hash, Tokens prefix_tokens) {
+  constexpr const char* where = "PagedKVCache::allocate_paged";
+  // Argument checks, all before anything else.
+  if (prefix_hash.empty()) {
+    throw std::invalid_argument(std::string("kvcache: ") + where + ": request " + quoted(id) +
+                                ": the prefix hash is empty");
+  }
+  if (prefix_tokens == Tokens{0} || prefix_tokens > prompt) {
+    throw std::invalid_argument(
+        std::string("kvcache: ") + where + ": request " + quoted(id) + ": prefix of " +
+        std::to_string(prefix_tokens.count()) + " tokens with a prompt of " +
+        std::to_string(prompt.count()) + " (it must be 1 .. prompt tokens)");
+  }
+  PrefixRegistry::Prefix* prefix = registry_->find(prefix_hash);
+  if (prefix != nullptr && prefix->tokens != prefix_tokens) {
+    throw std::invalid_argument(
+        std::string("kvcache: ") + where + ": request " + quoted(id) + ": prefix " +
+        quoted(prefix_hash) + " is registered with " + std::to_string(prefix->tokens.count()) +
+        " tokens, not " + std::to_string(prefix_tokens.count()));
+  }
+  const Pages need_plain = pages_needed_to_allocate(prompt);  // overflow_error
+  if (requests_.find(id) != requests_.end()) return false;
+
+  const std::uint64_t ps = page_size_.count();
+  const std::uint64_t layers = config_.num_layers;
+  const std::uint64_t per_layer = pages_for(prompt, page_size_).count();
+  const std::uint64_t prefix_pages = pages_for(prefix_tokens, page_size_).count();
+  const std::uint64_t rem = prefix_tokens.count() % ps;  // slots of a partial last prefix page
+
+  if (prefix == nullptr) {
+    // Miss: allocate as usual, then register the first prefix pages.
+    if (need_plain.count() > registry_->free_pages().count() + registry_->evictable_except(nullptr)) {
+      return false;
+    }
+    Request r = make_request(prompt);
+    r.serial = next_serial_;
+    PrefixRegistry::Prefix& entry = registry_->prepare(
+        prefix_hash, prefix_tokens, layers, gsl::narrow<std::size_t>(prefix_pages), r.serial);
+    try {
+      const auto [it, inserted] = requests_.emplace(std::string(id), std::move(r));
+      KVCACHE_ASSERT(inserted);
+      ++next_serial_;
+      registry_->make_room(need_plain.count(), &entry);  // entry has no pages yet: nothing to skip
+      for (PageList& table : it->second.tables) {
+        for (std::uint64_t k = 0; k < per_layer; ++k) table.adopt(take_page());
+        for (std::uint64_t k = 0; k < prefix_pages; ++k) {
+          registry_->hold(entry, table[static_cast<std::size_t>(k)]);
+        }
+      }
+    } catch (...) {
+      registry_->unprepare(entry);  // only the map insert can throw, before any page
+      throw;
+    }
+    registry_->touch(entry);
+    ++registry_->counters().misses;
+    stored_ += tokens_in(Pages{layers}, prompt);
+    KVCACHE_AUDIT(check_invariants());
+    return true;
+  }
+
+  // Hit: share the full prefix pages; the partial last page too when the
+  // prompt ends exactly at the prefix, else copy it (the prompt continues
+  // inside it). Take new pages for the rest.
+  const bool partial = rem != 0;
+  const bool copy_partial = partial && prompt > prefix_tokens;
+  const std::uint64_t shared = prefix_pages - (copy_partial ? 1U : 0U);
+  const std::uint64_t fresh = per_layer - prefix_pages;  // pages past the prefix
+  const std::uint64_t need = layers * (fresh + (copy_partial ? 1U : 0U));
+  if (need > registry_->free_pages().count() + registry_->evictable_except(prefix)) {
+    return false;  // INV-REF-4: nothing evicted; INV-REF-5: the reused prefix not counted
+  }
+  Request r = make_request(prompt);
+  r.serial = next_serial_;
+  const auto [it, inserted] = requests_.emplace(std::string(id), std::move(r));
+  KVCACHE_ASSERT(inserted);
+  ++next_serial_;
+  registry_->make_room(need, prefix);
+  const std::size_t ppl = prefix->pages_per_layer;
+  for (std::uint64_t l = 0; l < layers; ++l) {
+    PageList& table = it->second.tables[static_cast<std::size_t>(l)];
+    const std::size_t base = static_cast<std::size_t>(l) * ppl;
+    for (std::uint64_t k = 0; k < shared; ++k) {
+      table.share(prefix->pages[base + static_cast<std::size_t>(k)]);
+    }
+    if (copy_partial) {
+      table.adopt(copy_page(prefix->pages[base + ppl - 1], static_cast<std::size_t>(rem)));
+    }
+    for (std::uint64_t k = 0; k < fresh; ++k) table.adopt(take_page());
+  }
+  registry_->touch(*prefix);
+  PrefixCounters& c = registry_->counters();
+  ++c.hits;
+  c.pages_saved += layers * shared;
+  c.tokens_saved += layers * (shared * ps - (partial && !copy_partial ? ps - rem : 0U));
+  stored_ += tokens_in(Pages{layers}, prompt);
+  KVCACHE_AUDIT(check_invariants());
+  return true;
+}
+
+bool PagedKVCache::fork(std::string_view parent_id, std::string_view child_id) {
+  const Request& parent = find("PagedKVCache::fork", parent_id);
+  if (requests_.find(child_id) != requests_.end()) return false;
+  for (const PageList& table : parent.tables) {
+    for (const PageId p : table.ids()) {
+      if (registry_->pool().ref_count(p) == UINT32_MAX) {
+        throw std::overflow_error("kvcache: PagedKVCache::fork: page " +
+                                  std::to_string(p.index()) + " already has 2^32 - 1 holders");
+      }
+    }
+  }
+  Request child;
+  child.tables.reserve(parent.tables.size());
+  for (const PageList& table : parent.tables) {
+    child.tables.emplace_back(*registry_);
+    child.tables.back().reserve_more(table.size());
+  }
+  child.tokens = parent.tokens;
+  child.serial = next_serial_;
+  const auto [it, inserted] = requests_.emplace(std::string(child_id), std::move(child));
+  KVCACHE_ASSERT(inserted);
+  ++next_serial_;
+  const Request& p = find("PagedKVCache::fork", parent_id);  // rehash-safe: nodes are stable
+  for (std::size_t l = 0; l < p.tables.size(); ++l) {
+    for (const PageId page : p.tables[l].ids()) it->second.tables[l].share(page);
+  }
+  for (const std::uint64_t n : p.tokens) stored_ += Tokens{n};
+  KVCACHE_AUDIT(check_invariants());
+  return true;
+}
+
+// ---- appends and writes --------------------------------------------------------
+
+bool PagedKVCache::append_one(Request& r, std::size_t layer, std::span<const std::byte> key,
+                              std::span<const std::byte> value) {
+  PageList& table = r.tables[layer];
+  if (layer_last_page_full(r, layer)) {
+    const bool can = registry_->free_pages() > Pages{0} || registry_->cached_pages() > Pages{0};
+    if (!can) return false;       // INV-PAGED-6: no change
+    table.reserve_more(1);        // may throw; nothing changed yet
+    if (registry_->free_pages() == Pages{0}) registry_->evict_lru();
+    table.adopt(take_page());
+  } else if (!make_writable(r, layer, table.size() - 1)) {
+    return false;  // a shared last page and no page for its copy: no change
+  }
+  const auto slot = static_cast<std::size_t>(r.tokens[layer] % page_size_.count());
+  const PageId page = table.back();
+  if (storage_ == Storage::host) {
+    if (key.empty()) {
+      if (slot < written_[page.index()]) zero_slot(page, slot);
+    } else {
+      write_slot(page, slot, key, value);
+    }
+  }
+  ++r.tokens[layer];
+  ++stored_;
+  KVCACHE_AUDIT(check_invariants());
+  return true;
+}
+
+bool PagedKVCache::append_token_paged(std::string_view id, std::size_t layer,
+                                      std::span<const std::byte> key,
+                                      std::span<const std::byte> value) {
+  constexpr const char* where = "PagedKVCache::append_token_paged";
+  require_host(where);
+  detail::check_layer(where, id, layer, config_.num_layers);
+  detail::check_row_bytes(where, id, layer, "key", key.size(), row_bytes_.count());
+  detail::check_row_bytes(where, id, layer, "value", value.size(), row_bytes_.count());
+  return append_one(find(where, id), layer, key, value);
+}
+
+bool PagedKVCache::append_token_paged(std::string_view id, std::size_t layer,
+                                      std::span<const float> key, std::span<const float> value) {
+  constexpr const char* where = "PagedKVCache::append_token_paged";
+  require_host(where);
+  detail::check_layer(where, id, layer, config_.num_layers);
+  detail::check_float_rows(where, id, layer, config_.dtype_bytes, key.size(), value.size(),
+                           config_.kv_elements_per_token_per_layer());
+  return append_token_paged(id, layer, std::as_bytes(key), std::as_bytes(value));
+}
+
+bool PagedKVCache::append_token_paged(std::string_view id, std::size_t layer) {
+  constexpr const char* where = "PagedKVCache::append_token_paged";
+  detail::check_layer(where, id, layer, config_.num_layers);
+  return append_one(find(where, id), layer, {}, {});
+}
+
+bool PagedKVCache::append_token_all_layers(std::string_view id) {
+  constexpr const char* where = "PagedKVCache::append_token_all_layers";
+  Request& r = find(where, id);
+  std::uint64_t need = 0;
+  for (std::size_t l = 0; l < r.tables.size(); ++l) need += needs_page_to_append(r, l) ? 1U : 0U;
+  if (need > registry_->free_pages().count() + registry_->evictable_except(nullptr)) {
+    return false;  // INV-PAGED-6: all layers or none
+  }
+  for (PageList& table : r.tables) table.reserve_more(1);  // may throw; nothing changed yet
+  // Each layer's append finds its page: free ones first, then by eviction,
+  // which can only lower the remaining need (an evicted prefix may make a
+  // shared page writable in place).
+  for (std::size_t l = 0; l < r.tables.size(); ++l) {
+    const bool ok = append_one(r, l, {}, {});
+    KVCACHE_ASSERT(ok);
+  }
+  return true;
+}
+
+void PagedKVCache::write_kv(std::string_view id, std::size_t layer, std::size_t position,
+                            std::span<const std::byte> key, std::span<const std::byte> value) {
+  constexpr const char* where = "PagedKVCache::write_kv";
+  require_host(where);
+  detail::check_layer(where, id, layer, config_.num_layers);
+  detail::check_row_bytes(where, id, layer, "key", key.size(), row_bytes_.count());
+  detail::check_row_bytes(where, id, layer, "value", value.size(), row_bytes_.count());
+  Request& r = find(where, id);
+  if (position >= r.tokens[layer]) {
+    throw std::out_of_range("kvcache: " + std::string(where) + ": request " + quoted(id) +
+                            ", layer " + std::to_string(layer) + ": position " +
+                            std::to_string(position) + " is not stored (" +
+                            std::to_string(r.tokens[layer]) + " tokens)");
+  }
+  const auto ps = static_cast<std::size_t>(page_size_.count());
+  const std::size_t index = position / ps;
+  if (!make_writable(r, layer, index)) {
+    throw OutOfPages("kvcache: " + std::string(where) + ": request " + quoted(id) + ", layer " +
+                     std::to_string(layer) + ", position " + std::to_string(position) +
+                     ": the page is shared and no free page can be had for its copy (" +
+                     std::to_string(registry_->total_pages().count()) + " pages, none free)");
+  }
+  write_slot(r.tables[layer][index], position % ps, key, value);
+  KVCACHE_AUDIT(check_invariants());
+}
+
+void PagedKVCache::write_kv(std::string_view id, std::size_t layer, std::size_t position,
+                            std::span<const float> key, std::span<const float> value) {
+  constexpr const char* where = "PagedKVCache::write_kv";
+  require_host(where);
+  detail::check_layer(where, id, layer, config_.num_layers);
+  detail::check_float_rows(where, id, layer, config_.dtype_bytes, key.size(), value.size(),
+                           config_.kv_elements_per_token_per_layer());
+  write_kv(id, layer, position, std::as_bytes(key), std::as_bytes(value));
+}
+
+// ---- reads, free, queries ----------------------------------------------------------
+
+KVView PagedKVCache::get_kv(std::string_view id, std::size_t layer) const {
+  constexpr const char* where = "PagedKVCache::get_kv";
+  require_host(where);
+  detail::check_layer(where, id, layer, config_.num_layers);
+  const Request& r = find(where, id);
+  const auto row = static_cast<std::size_t>(row_bytes_.count());
+  const auto ps = static_cast<std::size_t>(page_size_.count());
+  TokenRows::Paged k;
+  k.arena = arena_.data();
+  k.pages = r.tables[layer].ids().data();
+  k.written = written_.data();
+  k.zero_row = zero_row_.data();
+  k.page_tokens = ps;
+  k.page_bytes = static_cast<std::size_t>(bytes_per_page_.count());
+  TokenRows::Paged v = k;
+  v.offset = ps * row;
+  const auto n = static_cast<std::size_t>(r.tokens[layer]);
+  return KVView{TokenRows(k, n, row), TokenRows(v, n, row)};
+}
+
+void PagedKVCache::free(std::string_view id) {
+  const auto it = requests_.find(id);
+  if (it == requests_.end()) detail::throw_unknown_request("PagedKVCache::free", id);
+  std::uint64_t tokens = 0;
+  for (const std::uint64_t n : it->second.tokens) tokens += n;
+  stored_ -= Tokens{tokens};
+  // The request's PageLists release every page, each table last page first.
+  requests_.erase(it);
+  KVCACHE_AUDIT(check_invariants());
+}
+
+bool PagedKVCache::evict_prefix(std::string_view prefix_hash) {
+  PrefixRegistry::Prefix* p = registry_->find(prefix_hash);
+  if (p == nullptr) return false;
+  registry_->evict(*p);
+  KVCACHE_AUDIT(check_invariants());
+  return true;
+}
+
+std::size_t PagedKVCache::clear_prefix_cache() {
+  const std::size_t n = registry_->clear();
+  KVCACHE_AUDIT(check_invariants());
+  return n;
+}
+
+bool PagedKVCache::has_prefix(std::string_view prefix_hash) const noexcept {
+  return registry_->find(prefix_hash) != nullptr;
+}
+
+std::span<const PageId> PagedKVCache::block_table(std::string_view id, std::size_t layer) const {
+  constexpr const char* where = "PagedKVCache::block_table";
+  detail::check_layer(where, id, layer, config_.num_layers);
+  return find(where, id).tables[layer].ids();
+}
+
+Pages PagedKVCache::pages_held(std::string_view id) const {
+  const Request& r = find("PagedKVCache::pages_held", id);
+  std::uint64_t n = 0;
+  for (const PageList& t : r.tables) n += t.size();
+  return Pages{n};
+}
+
+Tokens PagedKVCache::tokens(std::string_view id, std::size_t layer) const {
+  constexpr const char* where = "PagedKVCache::tokens";
+  detail::check_layer(where, id, layer, config_.num_layers);
+  return Tokens{find(where, id).tokens[layer]};
+}
+
+bool PagedKVCache::contains(std::string_view id) const noexcept {
+  return requests_.find(id) != requests_.end();
+}
+
+std::vector<std::string> PagedKVCache::request_ids() const {
+  std::vector<std::string> ids;
+  ids.reserve(requests_.size());
+  for (const auto& [id, r] : requests_) ids.push_back(id);
+  return ids;
+}
+
+double PagedKVCache::memory_efficiency() const {
+  const std::uint64_t used = registry_->used_pages().count();
+  if (used == 0) return 0.0;
+  if (registry_->request_refs() == used) {
+    // No page is listed by two requests: the tokens in request pages are
+    // exactly stored_, O(1).
+    return static_cast<double>(stored_.count()) /
+           (static_cast<double>(used) * static_cast<double>(page_size_.count()));
+  }
+  return scan_efficiency();
+}
+
+// Shared pages: a page counts once, with the most slots any request holder
+// uses (every listed page has at least one). O(block-table entries + pages).
+double PagedKVCache::scan_efficiency() const {
+  std::vector<std::uint32_t> best(gsl::narrow<std::size_t>(registry_->total_pages().count()), 0);
+  for (const auto& [id, r] : requests_) {
+    for (std::size_t l = 0; l < r.tables.size(); ++l) {
+      const auto ids = r.tables[l].ids();
+      for (std::size_t i = 0; i < ids.size(); ++i) {
+        std::uint32_t& b = best[ids[i].index()];
+        b = std::max(b, static_cast<std::uint32_t>(slots_used(r, l, i)));
+      }
+    }
+  }
+  std::uint64_t pages = 0;
+  std::uint64_t tokens = 0;
+  for (const std::uint32_t b : best) {
+    pages += b != 0 ? 1U : 0U;
+    tokens += b;
+  }
+  return static_cast<double>(tokens) /
+         (static_cast<double>(pages) * static_cast<double>(page_size_.count()));
+}
+
+PagedStats PagedKVCache::stats() const noexcept {
+  PagedStats s;
+  s.total_pages = registry_->total_pages();
+  s.free_pages = registry_->free_pages();
+  s.used_pages = registry_->used_pages();
+  s.cached_pages = registry_->cached_pages();
+  s.used_memory = Bytes{s.used_pages.count() * bytes_per_page_.count()};  // <= budget
+  s.num_requests = requests_.size();
+  s.prefix_hits = registry_->counters().hits;
+  s.prefix_misses = registry_->counters().misses;
+  s.utilization_pct = s.total_pages.count() == 0
+                          ? 0.0
+                          : static_cast<double>(s.used_pages.count()) * 100.0 /
+                                static_cast<double>(s.total_pages.count());
+  s.stored_tokens = stored_;
+  s.page_size = page_size_;
+  s.bytes_per_page = bytes_per_page_;
+  s.registered_prefixes = registry_->num_prefixes();
+  s.prefix = registry_->counters();
+  return s;
+}
+
+bool PagedKVCache::check_invariants() const {
+  // INV-PAGED-3 / INV-REF-1: count every block-table entry per page.
+  std::vector<std::uint64_t> holders(gsl::narrow<std::size_t>(registry_->total_pages().count()), 0);
+  std::uint64_t stored = 0;
+  for (const auto& [id, r] : requests_) {
+    if (r.tables.size() != config_.num_layers || r.tokens.size() != config_.num_layers) {
+      return false;
+    }
+    if (r.serial == 0 || r.serial >= next_serial_) return false;
+    for (std::size_t l = 0; l < r.tables.size(); ++l) {
+      if (Pages{r.tables[l].size()} != pages_for(Tokens{r.tokens[l]}, page_size_)) {
+        return false;  // INV-PAGED-2
+      }
+      for (const PageId p : r.tables[l].ids()) {
+        if (static_cast<std::uint64_t>(p) >= holders.size()) return false;
+        ++holders[p.index()];
+      }
+      stored += r.tokens[l];
+    }
+  }
+  if (!registry_->check_invariants(holders)) return false;  // INV-REF-*, INV-PAGED-1
+  if (storage_ == Storage::host) {
+    for (const std::uint32_t w : written_) {
+      if (w > page_size_.count()) return false;  // INV-PAGED-4
+    }
+  }
+  return stored == stored_.count();  // INV-PAGED-5
+}
+
+}  // namespace kvcache

@@ -1,0 +1,264 @@
+// Implementation of kvcache.prefix: see prefix.cppm for the design.
+module;
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include <gsl/narrow>
+
+#include "kvcache/contracts.hpp"
+
+module kvcache.prefix;
+
+namespace kvcache {
+
+// ---- PageList ---------------------------------------------------------------
+
+void PageList::reserve_more(std::size_t n) {
+  const std::size_t want = ids_.size() + n;
+  if (want > ids_.capacity()) ids_.reserve(std::max(want, 2 * ids_.capacity()));
+}
+
+void PageList::adopt(PageId page) noexcept {
+  KVCACHE_EXPECTS(registry_ != nullptr && ids_.size() < ids_.capacity());
+  ids_.push_back(page);  // no reallocation: room was reserved
+  ++registry_->request_refs_;
+}
+
+void PageList::share(PageId page) noexcept {
+  KVCACHE_EXPECTS(registry_ != nullptr);
+  registry_->retain(page);
+  adopt(page);
+}
+
+void PageList::replace(std::size_t i, PageId adopted) noexcept {
+  KVCACHE_EXPECTS(registry_ != nullptr && i < ids_.size());
+  const PageId old = std::exchange(ids_[i], adopted);
+  registry_->release(old);
+}
+
+void PageList::clear() noexcept {
+  if (registry_ == nullptr) return;
+  // Last page first: a request's tail pages reach the LRU free list before its
+  // head pages, so they are reused first.
+  for (auto it = ids_.rbegin(); it != ids_.rend(); ++it) {
+    registry_->release(*it);
+    --registry_->request_refs_;
+  }
+  ids_.clear();
+}
+
+// ---- PrefixRegistry: page references ---------------------------------------
+
+std::size_t PrefixRegistry::pool_size(Pages capacity) {
+  return gsl::narrow<std::size_t>(capacity.count());
+}
+
+PageId PrefixRegistry::take() noexcept {
+  const auto h = pool_.allocate();
+  KVCACHE_EXPECTS(h.has_value());  // callers make room first
+  KVCACHE_ASSERT(owner_[h->id.index()] == nullptr);
+  return h->id;
+}
+
+void PrefixRegistry::retain(PageId page) noexcept {
+  Prefix* p = owner_[page.index()];
+  if (p != nullptr && pool_.ref_count(page) == 1) page_left_cache(*p);  // registry-only until now
+  pool_.retain(pool_.handle(page));  // the page is live: its current handle
+}
+
+void PrefixRegistry::release(PageId page) noexcept {
+  static_cast<void>(pool_.release(pool_.handle(page)));
+  Prefix* p = owner_[page.index()];
+  if (p != nullptr && pool_.ref_count(page) == 1) page_became_cached(*p);
+}
+
+std::uint32_t PrefixRegistry::request_holders(PageId page) const noexcept {
+  const std::uint32_t refs = pool_.ref_count(page);
+  return owner_[page.index()] == nullptr ? refs : refs - 1;
+}
+
+bool PrefixRegistry::writable_by(PageId page, std::uint64_t serial) const noexcept {
+  if (request_holders(page) != 1) return false;
+  const Prefix* p = owner_[page.index()];
+  return p == nullptr || p->registrant == serial;
+}
+
+// ---- PrefixRegistry: prefixes and LRU ---------------------------------------
+
+PrefixRegistry::Prefix* PrefixRegistry::find(std::string_view hash) noexcept {
+  const auto it = prefixes_.find(hash);
+  return it == prefixes_.end() ? nullptr : it->second.get();
+}
+
+const PrefixRegistry::Prefix* PrefixRegistry::find(std::string_view hash) const noexcept {
+  const auto it = prefixes_.find(hash);
+  return it == prefixes_.end() ? nullptr : it->second.get();
+}
+
+PrefixRegistry::Prefix& PrefixRegistry::prepare(std::string_view hash, Tokens tokens,
+                                                std::size_t layers, std::size_t pages_per_layer,
+                                                std::uint64_t registrant) {
+  KVCACHE_EXPECTS(find(hash) == nullptr);
+  auto entry = std::make_unique<Prefix>();
+  entry->hash = std::string(hash);
+  entry->tokens = tokens;
+  entry->pages_per_layer = pages_per_layer;
+  entry->pages.reserve(layers * pages_per_layer);
+  entry->registrant = registrant;
+  Prefix& ref = *entry;
+  prefixes_.emplace(ref.hash, std::move(entry));  // may throw: nothing else changed
+  return ref;
+}
+
+void PrefixRegistry::unprepare(Prefix& p) noexcept {
+  KVCACHE_EXPECTS(p.pages.empty() && !p.on_lru);
+  const auto it = prefixes_.find(p.hash);
+  KVCACHE_ASSERT(it != prefixes_.end());
+  prefixes_.erase(it);
+}
+
+void PrefixRegistry::hold(Prefix& p, PageId page) noexcept {
+  KVCACHE_EXPECTS(owner_[page.index()] == nullptr && p.pages.size() < p.pages.capacity());
+  pool_.retain(pool_.handle(page));
+  owner_[page.index()] = &p;
+  p.pages.push_back(page);
+  // The page has a request holder (the registrant): it is not cached.
+  KVCACHE_ASSERT(pool_.ref_count(page) >= 2);
+}
+
+void PrefixRegistry::touch(Prefix& p) noexcept {
+  if (p.on_lru) {
+    lru_unlink(p);
+    lru_push_back(p);
+  }
+}
+
+void PrefixRegistry::lru_unlink(Prefix& p) noexcept {
+  KVCACHE_EXPECTS(p.on_lru);
+  (p.lru_prev == nullptr ? lru_head_ : p.lru_prev->lru_next) = p.lru_next;
+  (p.lru_next == nullptr ? lru_tail_ : p.lru_next->lru_prev) = p.lru_prev;
+  p.lru_prev = p.lru_next = nullptr;
+  p.on_lru = false;
+}
+
+void PrefixRegistry::lru_push_back(Prefix& p) noexcept {
+  KVCACHE_EXPECTS(!p.on_lru);
+  p.lru_prev = lru_tail_;
+  p.lru_next = nullptr;
+  (lru_tail_ == nullptr ? lru_head_ : lru_tail_->lru_next) = &p;
+  lru_tail_ = &p;
+  p.on_lru = true;
+}
+
+void PrefixRegistry::page_became_cached(Prefix& p) noexcept {
+  ++cached_;
+  ++p.cached;
+  // Newly idle pages make the prefix the most recently touched one.
+  if (p.on_lru) lru_unlink(p);
+  lru_push_back(p);
+}
+
+void PrefixRegistry::page_left_cache(Prefix& p) noexcept {
+  KVCACHE_EXPECTS(cached_ > 0 && p.cached > 0);
+  --cached_;
+  if (--p.cached == 0) lru_unlink(p);
+}
+
+void PrefixRegistry::evict(Prefix& p) noexcept {
+  if (p.on_lru) lru_unlink(p);
+  std::uint64_t freed = 0;
+  // Last pages first, like a request's free.
+  for (auto it = p.pages.rbegin(); it != p.pages.rend(); ++it) {
+    owner_[it->index()] = nullptr;
+    if (pool_.release(pool_.handle(*it))) ++freed;
+  }
+  KVCACHE_ASSERT(freed == p.cached);
+  cached_ -= p.cached;
+  counters_.pages_evicted += freed;
+  ++counters_.prefixes_evicted;
+  const auto it = prefixes_.find(p.hash);
+  KVCACHE_ASSERT(it != prefixes_.end());
+  prefixes_.erase(it);  // destroys p
+}
+
+void PrefixRegistry::evict_lru() noexcept {
+  KVCACHE_EXPECTS(lru_head_ != nullptr);
+  evict(*lru_head_);
+}
+
+void PrefixRegistry::make_room(std::uint64_t n, const Prefix* keep) noexcept {
+  KVCACHE_EXPECTS(pool_.free_pages().count() + evictable_except(keep) >= n);
+  Prefix* p = lru_head_;
+  while (pool_.free_pages().count() < n) {
+    KVCACHE_ASSERT(p != nullptr);
+    Prefix* next = p->lru_next;
+    if (p != keep) evict(*p);  // INV-REF-5: skip the prefix being reused
+    p = next;
+  }
+}
+
+std::size_t PrefixRegistry::clear() noexcept {
+  std::size_t n = 0;
+  while (!prefixes_.empty()) {
+    evict(*prefixes_.begin()->second);
+    ++n;
+  }
+  return n;
+}
+
+bool PrefixRegistry::check_invariants(std::span<const std::uint64_t> request_holders) const {
+  if (!pool_.check_invariants()) return false;
+  if (request_holders.size() != owner_.size()) return false;
+  std::uint64_t cached = 0;
+  std::uint64_t refs = 0;
+  for (std::size_t i = 0; i < owner_.size(); ++i) {
+    const PageId page{static_cast<std::uint32_t>(i)};
+    const std::uint64_t reg = owner_[i] == nullptr ? 0 : 1;
+    if (pool_.ref_count(page) != request_holders[i] + reg) return false;  // INV-REF-1
+    if (reg == 1 && request_holders[i] == 0) ++cached;
+    refs += request_holders[i];
+  }
+  if (cached != cached_ || refs != request_refs_) return false;  // INV-REF-2
+  std::unordered_map<const Prefix*, std::uint64_t> owned;
+  for (const Prefix* o : owner_) {
+    if (o != nullptr) ++owned[o];
+  }
+  std::uint64_t sum_cached = 0;
+  std::size_t on_lru = 0;
+  for (const auto& [hash, entry] : prefixes_) {
+    const Prefix& p = *entry;
+    if (p.hash != hash) return false;
+    std::uint64_t c = 0;
+    for (const PageId page : p.pages) {
+      if (owner_[page.index()] != &p) return false;  // INV-REF-3
+      if (request_holders[page.index()] == 0) ++c;
+    }
+    const auto o = owned.find(&p);
+    if ((o == owned.end() ? 0 : o->second) != p.pages.size() || c != p.cached) return false;
+    if (p.on_lru != (p.cached > 0)) return false;
+    on_lru += p.on_lru ? 1 : 0;
+    sum_cached += c;
+  }
+  if (sum_cached != cached_) return false;
+  // The LRU list holds exactly the prefixes flagged on it, linked both ways.
+  std::size_t walked = 0;
+  const Prefix* prev = nullptr;
+  for (const Prefix* p = lru_head_; p != nullptr; p = p->lru_next) {
+    if (!p->on_lru || p->lru_prev != prev || ++walked > prefixes_.size()) return false;
+    prev = p;
+  }
+  if (prev != lru_tail_ || walked != on_lru) return false;
+  return pool_.free_pages().count() + used_pages().count() + cached_ ==
+         pool_.capacity().count();
+}
+
+}  // namespace kvcache
