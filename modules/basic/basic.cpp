@@ -21,11 +21,12 @@ module kvcache.basic;
 
 namespace kvcache {
 
-void detail::FreeBytes::operator()(std::byte* p) const noexcept { std::free(p); }
+void detail::FreeBytes::operator()(std::byte* p) const noexcept { ::operator delete[](p); }
 
-BasicKVCache::BasicKVCache(ModelConfig config, Bytes budget)
+BasicKVCache::BasicKVCache(ModelConfig config, Bytes budget, Storage storage)
     : config_(config),
       budget_(budget),
+      storage_(storage),
       row_bytes_(config.kv_bytes_per_token_per_layer()),  // validates the config
       bytes_per_token_(config.bytes_per_token()) {}
 
@@ -49,6 +50,12 @@ bool BasicKVCache::can_allocate(Tokens prompt, Tokens max_gen) const {
   return reservation_bytes("BasicKVCache::can_allocate", "", prompt, max_gen) <= budget_ - used_;
 }
 
+Admission BasicKVCache::admission(Tokens prompt, Tokens max_gen) const {
+  const Bytes bytes = reservation_bytes("BasicKVCache::admission", "", prompt, max_gen);
+  if (bytes > budget_) return Admission::never;
+  return bytes <= budget_ - used_ ? Admission::now : Admission::later;
+}
+
 bool BasicKVCache::allocate(std::string_view id, Tokens prompt, Tokens max_gen) {
   // Argument checks throw first.
   const Bytes bytes = reservation_bytes("BasicKVCache::allocate", id, prompt, max_gen);
@@ -59,11 +66,12 @@ bool BasicKVCache::allocate(std::string_view id, Tokens prompt, Tokens max_gen) 
   // the first change to the counters: the strong guarantee.
   const auto size = gsl::narrow<std::size_t>(bytes.count());
   std::unique_ptr<std::byte[], detail::FreeBytes> data;
-  if (size != 0) {
-    data.reset(static_cast<std::byte*>(std::malloc(size)));  // uninitialised: lazily committed
+  if (size != 0 && storage_ == Storage::host) {
+    // Uninitialised, so lazily committed.
+    data.reset(static_cast<std::byte*>(::operator new[](size, std::nothrow)));
     if (data == nullptr) throw std::bad_alloc();
   }
-  Request r{prompt + max_gen, std::move(data), size,
+  Request r{prompt + max_gen, std::move(data), storage_ == Storage::host ? size : 0,
             std::vector<std::uint64_t>(config_.num_layers, 0)};
   requests_.emplace(std::string(id), std::move(r));
   used_ += bytes;
@@ -84,29 +92,58 @@ BasicKVCache::Request& BasicKVCache::find(const char* where, std::string_view id
   return it->second;
 }
 
-void BasicKVCache::append_token(std::string_view id, std::size_t layer,
-                                std::span<const std::byte> key,
-                                std::span<const std::byte> value) {
-  constexpr const char* where = "BasicKVCache::append_token";
-  detail::check_layer(where, id, layer, config_.num_layers);
-  detail::check_row_bytes(where, id, layer, "key", key.size(), row_bytes_.count());
-  detail::check_row_bytes(where, id, layer, "value", value.size(), row_bytes_.count());
+void BasicKVCache::require_host(const char* where) const {
+  if (storage_ == Storage::none) {
+    throw std::logic_error(std::string("kvcache: ") + where +
+                           ": this cache keeps no KV bytes (Storage::none)");
+  }
+}
+
+// The request, after checking that its layer has room for one more token
+// (ReservationExceeded otherwise).
+BasicKVCache::Request& BasicKVCache::checked_room(const char* where, std::string_view id,
+                                                  std::size_t layer) {
   Request& r = find(where, id);
-  std::uint64_t& n = r.count[layer];
-  if (n >= r.capacity.count()) {
+  if (r.count[layer] >= r.capacity.count()) {
     throw ReservationExceeded("kvcache: " + std::string(where) + ": request \"" +
                               std::string(id) + "\", layer " + std::to_string(layer) +
                               " already holds its whole reservation of " +
                               std::to_string(r.capacity.count()) + " tokens (prompt + max_gen)");
   }
+  return r;
+}
+
+void BasicKVCache::append_token(std::string_view id, std::size_t layer,
+                                std::span<const std::byte> key,
+                                std::span<const std::byte> value) {
+  constexpr const char* where = "BasicKVCache::append_token";
+  require_host(where);
+  detail::check_layer(where, id, layer, config_.num_layers);
+  detail::check_row_bytes(where, id, layer, "key", key.size(), row_bytes_.count());
+  detail::check_row_bytes(where, id, layer, "value", value.size(), row_bytes_.count());
+  Request& r = checked_room(where, id, layer);
   // No throw from here on.
+  std::uint64_t& n = r.count[layer];
   const std::size_t row = key.size();
   const std::size_t cap = static_cast<std::size_t>(r.capacity.count());
-  std::byte* k = r.data.get() + ((2 * layer * cap + n) * row);
-  std::byte* v = r.data.get() + (((2 * layer + 1) * cap + n) * row);
-  if (row != 0) {
-    std::memcpy(k, key.data(), row);
-    std::memcpy(v, value.data(), row);
+  std::memcpy(r.data.get() + ((2 * layer * cap + n) * row), key.data(), row);
+  std::memcpy(r.data.get() + (((2 * layer + 1) * cap + n) * row), value.data(), row);
+  ++n;
+  ++stored_;
+  KVCACHE_AUDIT(check_invariants());
+}
+
+void BasicKVCache::append_token(std::string_view id, std::size_t layer) {
+  constexpr const char* where = "BasicKVCache::append_token";
+  detail::check_layer(where, id, layer, config_.num_layers);
+  Request& r = checked_room(where, id, layer);
+  // No throw from here on.
+  std::uint64_t& n = r.count[layer];
+  if (storage_ == Storage::host) {
+    const auto row = static_cast<std::size_t>(row_bytes_.count());
+    const std::size_t cap = static_cast<std::size_t>(r.capacity.count());
+    std::memset(r.data.get() + ((2 * layer * cap + n) * row), 0, row);
+    std::memset(r.data.get() + (((2 * layer + 1) * cap + n) * row), 0, row);
   }
   ++n;
   ++stored_;
@@ -116,6 +153,7 @@ void BasicKVCache::append_token(std::string_view id, std::size_t layer,
 void BasicKVCache::append_token(std::string_view id, std::size_t layer,
                                 std::span<const float> key, std::span<const float> value) {
   constexpr const char* where = "BasicKVCache::append_token";
+  require_host(where);
   detail::check_layer(where, id, layer, config_.num_layers);
   detail::check_float_rows(where, id, layer, config_.dtype_bytes, key.size(), value.size(),
                            config_.kv_elements_per_token_per_layer());
@@ -124,6 +162,7 @@ void BasicKVCache::append_token(std::string_view id, std::size_t layer,
 
 KVView BasicKVCache::get_kv(std::string_view id, std::size_t layer) const {
   constexpr const char* where = "BasicKVCache::get_kv";
+  require_host(where);
   detail::check_layer(where, id, layer, config_.num_layers);
   const Request& r = find(where, id);
   const auto row = static_cast<std::size_t>(row_bytes_.count());
@@ -196,7 +235,10 @@ bool BasicKVCache::check_invariants() const {
     }
     used += bytes;
     reserved += r.capacity.count();
-    if (r.size != bytes || (bytes != 0) != (r.data != nullptr)) return false;  // INV-BASIC-5
+    const bool host = storage_ == Storage::host;
+    if (r.size != (host ? bytes : 0) || (r.size != 0) != (r.data != nullptr)) {
+      return false;  // INV-BASIC-5
+    }
     if (r.count.size() != config_.num_layers) return false;
     for (const std::uint64_t n : r.count) {
       if (n > r.capacity.count()) return false;                     // INV-BASIC-4

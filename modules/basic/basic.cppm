@@ -14,7 +14,7 @@
 // where a row is kv_bytes_per_token_per_layer() bytes and capacity is
 // prompt + max_gen tokens. Token t of layer l: K at (2l * capacity + t) * row,
 // V at ((2l + 1) * capacity + t) * row. The block is allocated without being
-// initialised (std::malloc), so the reservation costs address
+// initialised (nothrow operator new), so the reservation costs address
 // space and resident memory grows only with the rows actually appended: large
 // blocks come from fresh mappings, and nothing writes them until an append.
 // (Rows are read only below the layer's token count, so they need no zeroing.)
@@ -48,10 +48,12 @@ import kvcache.storage;
 
 export namespace kvcache::detail {
 
-// Deleter for the malloc'd blocks of BasicKVCache. malloc, not operator new:
-// a failed malloc returns null, which the cache turns into std::bad_alloc with
-// nothing changed, and this holds under AddressSanitizer too (its throwing
-// operator new aborts the process on an impossible size instead).
+// Deleter for the blocks of BasicKVCache, which come from the nothrow
+// operator new: a failed allocation returns null, which the cache turns into
+// std::bad_alloc with nothing changed. (Under AddressSanitizer the throwing
+// operator new aborts the process on an impossible size instead of throwing;
+// the nothrow one returns null.) Going through operator new, not malloc, lets
+// a test that replaces the global operator new inject failures here too.
 struct FreeBytes {
   void operator()(std::byte* p) const noexcept;
 };
@@ -73,7 +75,10 @@ struct BasicStats {
 class BasicKVCache {
  public:
   // Throws std::invalid_argument (naming the field) for an invalid config.
-  BasicKVCache(ModelConfig config, Bytes budget);
+  // Storage::none keeps the accounting only (no KV bytes): the calls that
+  // pass or read bytes then throw std::logic_error, and append_token(id,
+  // layer) without data counts a token.
+  BasicKVCache(ModelConfig config, Bytes budget, Storage storage = Storage::host);
   // Movable, not copyable (a copy would duplicate every reservation).
   BasicKVCache(BasicKVCache&&) noexcept = default;
   BasicKVCache& operator=(BasicKVCache&&) noexcept = default;
@@ -91,6 +96,9 @@ class BasicKVCache {
   // True when allocate(…, prompt, max_gen) of a new id would succeed now.
   // Throws std::overflow_error like allocate.
   [[nodiscard]] bool can_allocate(Tokens prompt, Tokens max_gen) const;
+  // now / later (fits in the empty cache) / never (a reservation larger than
+  // the budget). Throws std::overflow_error like allocate.
+  [[nodiscard]] Admission admission(Tokens prompt, Tokens max_gen) const;
 
   // Appends one token to `layer` of `id`. Throws, in this order:
   // std::out_of_range for a bad layer, ShapeMismatch for a wrong row length
@@ -100,6 +108,10 @@ class BasicKVCache {
                     std::span<const std::byte> value);
   void append_token(std::string_view id, std::size_t layer, std::span<const float> key,
                     std::span<const float> value);
+  // Appends a token without data: a zero token in Storage::host mode, a
+  // count in Storage::none mode. Throws std::out_of_range for a bad layer,
+  // UnknownRequest, then ReservationExceeded.
+  void append_token(std::string_view id, std::size_t layer);
 
   // The stored rows of `layer` of `id`, in append order. Invalidated by the
   // next mutating call. Throws std::out_of_range for a bad layer, then
@@ -120,6 +132,7 @@ class BasicKVCache {
   [[nodiscard]] std::size_t num_requests() const noexcept { return requests_.size(); }
   [[nodiscard]] const ModelConfig& config() const noexcept { return config_; }
   [[nodiscard]] Bytes budget() const noexcept { return budget_; }
+  [[nodiscard]] Storage storage() const noexcept { return storage_; }
   // Live request ids, in no particular order.
   [[nodiscard]] std::vector<std::string> request_ids() const;
 
@@ -129,7 +142,8 @@ class BasicKVCache {
  private:
   struct Request {
     Tokens capacity;                   // prompt + max_gen
-    std::unique_ptr<std::byte[], detail::FreeBytes> data;  // capacity * bytes_per_token, layer-major
+    // capacity * bytes_per_token, layer-major (none in Storage::none mode)
+    std::unique_ptr<std::byte[], detail::FreeBytes> data;
     std::size_t size = 0;               // bytes of `data`
     std::vector<std::uint64_t> count;  // tokens stored per layer
   };
@@ -141,6 +155,8 @@ class BasicKVCache {
   };
   using Map = std::unordered_map<std::string, Request, IdHash, std::equal_to<>>;
 
+  void require_host(const char* where) const;
+  [[nodiscard]] Request& checked_room(const char* where, std::string_view id, std::size_t layer);
   [[nodiscard]] const Request& find(const char* where, std::string_view id) const;
   [[nodiscard]] Request& find(const char* where, std::string_view id);
   // (prompt + max_gen) * bytes_per_token; std::overflow_error naming `id`.
@@ -153,9 +169,11 @@ class BasicKVCache {
   //   INV-BASIC-3  reserved_ == sum over requests of capacity
   //   INV-BASIC-4  every layer of every request holds <= capacity tokens
   //   INV-BASIC-5  each request's storage is exactly its reservation in bytes
+//                (Storage::host), none at all (Storage::none)
   //   INV-BASIC-6  stored_ == sum of per-layer token counts
   ModelConfig config_;
   Bytes budget_;
+  Storage storage_;
   Bytes row_bytes_;        // kv_bytes_per_token_per_layer
   Bytes bytes_per_token_;  // all layers, K and V
   Map requests_;

@@ -79,6 +79,9 @@ PagedKVCache& PagedKVCache::operator=(PagedKVCache&& other) noexcept {
   requests_ = std::move(other.requests_);
   stored_ = other.stored_;
   next_serial_ = other.next_serial_;
+  scan_stamp_ = std::move(other.scan_stamp_);
+  scan_best_ = std::move(other.scan_best_);
+  scan_epoch_ = other.scan_epoch_;
   return *this;
 }
 
@@ -171,8 +174,18 @@ std::size_t PagedKVCache::slots_used(const Request& r, std::size_t layer,
   return static_cast<std::size_t>(std::min(page_size_.count(), r.tokens[layer] - before));
 }
 
+// Does the next append to `layer` need a page of its own? Yes when the last
+// page is full. When the last page is shared, no if `r` may write it, and no
+// in effect if its only other holder is an evictable prefix: evicting that
+// prefix makes the page writable in place, and copying it instead turns the
+// old page into a cached one, so either way free + cached pages do not drop.
+// Counting it would refuse steps that single-layer appends can do.
 bool PagedKVCache::needs_page_to_append(const Request& r, std::size_t layer) const noexcept {
-  return layer_last_page_full(r, layer) || !registry_->writable_by(r.tables[layer].back(), r.serial);
+  if (layer_last_page_full(r, layer)) return true;
+  const PageId last = r.tables[layer].back();
+  if (registry_->writable_by(last, r.serial)) return false;
+  const PrefixRegistry::Prefix* owner = registry_->owner(last);
+  return !(owner != nullptr && owner->cached > 0 && registry_->request_holders(last) == 1);
 }
 
 // Copy-on-write: makes entry `index` of the layer's table writable by `r`,
@@ -198,7 +211,20 @@ bool PagedKVCache::make_writable(Request& r, std::size_t layer, std::size_t inde
 // ---- admission -----------------------------------------------------------------
 
 Pages PagedKVCache::pages_needed_to_allocate(Tokens prompt) const {
-  return pages_for(prompt, page_size_) * config_.num_layers;  // checked: overflow_error
+  return pages_to_allocate("PagedKVCache::pages_needed_to_allocate", {}, prompt);
+}
+
+Pages PagedKVCache::pages_to_allocate(const char* where, std::string_view id,
+                                      Tokens prompt) const {
+  const Pages per_layer = pages_for(prompt, page_size_);
+  if (per_layer.count() > Pages::max().count() / config_.num_layers) {
+    throw std::overflow_error("kvcache: " + std::string(where) + ": request " + quoted(id) +
+                              ": a prompt of " + std::to_string(prompt.count()) + " tokens needs " +
+                              std::to_string(per_layer.count()) + " pages in each of " +
+                              std::to_string(config_.num_layers) +
+                              " layers, which overflows 64 bits");
+  }
+  return per_layer * config_.num_layers;
 }
 
 bool PagedKVCache::can_allocate(Tokens prompt) const {
@@ -210,6 +236,20 @@ Admission PagedKVCache::admission(Tokens prompt) const {
   const Pages need = pages_needed_to_allocate(prompt);
   if (need > registry_->total_pages()) return Admission::never;
   return can_allocate(prompt) ? Admission::now : Admission::later;
+}
+
+Admission PagedKVCache::admission(Tokens prompt, std::string_view prefix_hash,
+                                  Tokens prefix_tokens) const {
+  constexpr const char* where = "PagedKVCache::admission";
+  const PrefixRegistry::Prefix* prefix =
+      check_prefix_args(where, {}, prompt, prefix_hash, prefix_tokens);
+  if (prefix == nullptr) return admission(prompt);
+  const HitPlan plan = plan_hit(prompt, prefix_tokens);
+  // In an otherwise empty cache the prefix's own pages stay, beside the
+  // request's new ones.
+  const std::uint64_t registered = prefix->pages.size();
+  if (plan.need > registry_->total_pages().count() - registered) return Admission::never;
+  return can_allocate(prompt, prefix_hash, prefix_tokens) ? Admission::now : Admission::later;
 }
 
 Tokens PagedKVCache::max_prompt_tokens() const noexcept {
@@ -238,7 +278,7 @@ PagedKVCache::Request PagedKVCache::make_request(Tokens prompt) const {
 }
 
 bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt) {
-  const Pages need = pages_needed_to_allocate(prompt);  // argument check: overflow_error
+  const Pages need = pages_to_allocate("PagedKVCache::allocate_paged", id, prompt);  // throws first
   if (requests_.find(id) != requests_.end()) return false;
   if (need.count() > registry_->free_pages().count() + registry_->evictable_except(nullptr)) {
     return false;  // INV-PAGED-6, INV-REF-4: decided before any change
@@ -259,10 +299,10 @@ bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt) {
   return true;
 }
 
-bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt,
-                                  std::string_view prefix_hash, Tokens prefix_tokens) {
-  constexpr const char* where = "PagedKVCache::allocate_paged";
-  // Argument checks, all before anything else.
+PrefixRegistry::Prefix* PagedKVCache::check_prefix_args(const char* where, std::string_view id,
+                                                       Tokens prompt,
+                                                       std::string_view prefix_hash,
+                                                       Tokens prefix_tokens) const {
   if (prefix_hash.empty()) {
     throw std::invalid_argument(std::string("kvcache: ") + where + ": request " + quoted(id) +
                                 ": the prefix hash is empty");
@@ -280,7 +320,48 @@ bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt,
         quoted(prefix_hash) + " is registered with " + std::to_string(prefix->tokens.count()) +
         " tokens, not " + std::to_string(prefix_tokens.count()));
   }
-  const Pages need_plain = pages_needed_to_allocate(prompt);  // overflow_error
+  return prefix;
+}
+
+PagedKVCache::HitPlan PagedKVCache::plan_hit(Tokens prompt, Tokens prefix_tokens) const noexcept {
+  // Share the full prefix pages; the partial last page too when the prompt
+  // ends exactly at the prefix, else copy it (the prompt continues inside
+  // it). New pages for the rest. Per layer.
+  const std::uint64_t ps = page_size_.count();
+  const std::uint64_t prefix_pages = pages_for(prefix_tokens, page_size_).count();
+  HitPlan plan;
+  plan.rem = prefix_tokens.count() % ps;
+  plan.copy_partial = plan.rem != 0 && prompt > prefix_tokens;
+  plan.shared = prefix_pages - (plan.copy_partial ? 1U : 0U);
+  plan.fresh = pages_for(prompt, page_size_).count() - prefix_pages;
+  plan.need = config_.num_layers * (plan.fresh + (plan.copy_partial ? 1U : 0U));
+  return plan;
+}
+
+Pages PagedKVCache::pages_needed_to_allocate(Tokens prompt, std::string_view prefix_hash,
+                                             Tokens prefix_tokens) const {
+  constexpr const char* where = "PagedKVCache::pages_needed_to_allocate";
+  const PrefixRegistry::Prefix* prefix =
+      check_prefix_args(where, {}, prompt, prefix_hash, prefix_tokens);
+  const Pages plain = pages_to_allocate(where, {}, prompt);
+  return prefix == nullptr ? plain : Pages{plan_hit(prompt, prefix_tokens).need};
+}
+
+bool PagedKVCache::can_allocate(Tokens prompt, std::string_view prefix_hash,
+                                Tokens prefix_tokens) const {
+  const Pages need = pages_needed_to_allocate(prompt, prefix_hash, prefix_tokens);
+  // A hit never evicts the prefix it reuses (INV-REF-5).
+  return need.count() <= registry_->free_pages().count() +
+                             registry_->evictable_except(registry_->find(prefix_hash));
+}
+
+bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt,
+                                  std::string_view prefix_hash, Tokens prefix_tokens) {
+  constexpr const char* where = "PagedKVCache::allocate_paged";
+  // Argument checks, all before anything else.
+  PrefixRegistry::Prefix* prefix =
+      check_prefix_args(where, id, prompt, prefix_hash, prefix_tokens);
+  const Pages need_plain = pages_to_allocate(where, id, prompt);  // overflow_error
   if (requests_.find(id) != requests_.end()) return false;
 
   const std::uint64_t ps = page_size_.count();
@@ -320,14 +401,12 @@ bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt,
     return true;
   }
 
-  // Hit: share the full prefix pages; the partial last page too when the
-  // prompt ends exactly at the prefix, else copy it (the prompt continues
-  // inside it). Take new pages for the rest.
-  const bool partial = rem != 0;
-  const bool copy_partial = partial && prompt > prefix_tokens;
-  const std::uint64_t shared = prefix_pages - (copy_partial ? 1U : 0U);
-  const std::uint64_t fresh = per_layer - prefix_pages;  // pages past the prefix
-  const std::uint64_t need = layers * (fresh + (copy_partial ? 1U : 0U));
+  // Hit.
+  const HitPlan plan = plan_hit(prompt, prefix_tokens);
+  const bool copy_partial = plan.copy_partial;
+  const std::uint64_t shared = plan.shared;
+  const std::uint64_t fresh = plan.fresh;
+  const std::uint64_t need = plan.need;
   if (need > registry_->free_pages().count() + registry_->evictable_except(prefix)) {
     return false;  // INV-REF-4: nothing evicted; INV-REF-5: the reused prefix not counted
   }
@@ -353,7 +432,7 @@ bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt,
   PrefixCounters& c = registry_->counters();
   ++c.hits;
   c.pages_saved += layers * shared;
-  c.tokens_saved += layers * (shared * ps - (partial && !copy_partial ? ps - rem : 0U));
+  c.tokens_saved += layers * (shared * ps - (rem != 0 && !copy_partial ? ps - rem : 0U));
   stored_ += tokens_in(Pages{layers}, prompt);
   KVCACHE_AUDIT(check_invariants());
   return true;
@@ -595,23 +674,38 @@ double PagedKVCache::memory_efficiency() const {
 }
 
 // Shared pages: a page counts once, with the most slots any request holder
-// uses (every listed page has at least one). O(block-table entries + pages).
+// uses. O(block-table entries): the per-page scratch is kept between calls
+// and told apart by a stamp, so no pass over the whole pool.
 double PagedKVCache::scan_efficiency() const {
-  std::vector<std::uint32_t> best(gsl::narrow<std::size_t>(registry_->total_pages().count()), 0);
+  const auto pages_total = gsl::narrow<std::size_t>(registry_->total_pages().count());
+  if (scan_stamp_.size() != pages_total) {
+    scan_stamp_.assign(pages_total, 0);
+    scan_best_.assign(pages_total, 0);
+    scan_epoch_ = 0;
+  }
+  if (++scan_epoch_ == 0) {  // the stamps wrapped: clear them once
+    std::fill(scan_stamp_.begin(), scan_stamp_.end(), 0);
+    scan_epoch_ = 1;
+  }
+  std::uint64_t pages = 0;
+  std::uint64_t tokens = 0;
   for (const auto& [id, r] : requests_) {
     for (std::size_t l = 0; l < r.tables.size(); ++l) {
       const auto ids = r.tables[l].ids();
       for (std::size_t i = 0; i < ids.size(); ++i) {
-        std::uint32_t& b = best[ids[i].index()];
-        b = std::max(b, static_cast<std::uint32_t>(slots_used(r, l, i)));
+        const std::size_t p = ids[i].index();
+        const auto used = static_cast<std::uint32_t>(slots_used(r, l, i));
+        if (scan_stamp_[p] != scan_epoch_) {
+          scan_stamp_[p] = scan_epoch_;
+          scan_best_[p] = used;
+          ++pages;
+          tokens += used;
+        } else if (used > scan_best_[p]) {
+          tokens += used - scan_best_[p];
+          scan_best_[p] = used;
+        }
       }
     }
-  }
-  std::uint64_t pages = 0;
-  std::uint64_t tokens = 0;
-  for (const std::uint32_t b : best) {
-    pages += b != 0 ? 1U : 0U;
-    tokens += b;
   }
   return static_cast<double>(tokens) /
          (static_cast<double>(pages) * static_cast<double>(page_size_.count()));

@@ -93,13 +93,6 @@ struct PagedStats {
   PrefixCounters prefix;                // cumulative: hits, savings, copies, evictions
 };
 
-// What an engine's scheduler may do with a request of a given prompt length.
-enum class Admission : std::uint8_t {
-  now,    // the pages are available now
-  later,  // not now, but it fits in the empty cache: queue it
-  never,  // larger than the whole pool: reject it, it would wait forever
-};
-
 class PagedKVCache {
  public:
   // Throws std::invalid_argument for an invalid config or a zero page size,
@@ -202,15 +195,31 @@ class PagedKVCache {
   // Admission helpers for a scheduler.
   // Pages a new request of `prompt` tokens takes: num_layers * ceil(prompt / page_size).
   [[nodiscard]] Pages pages_needed_to_allocate(Tokens prompt) const;
-  // Pages the next append_token_all_layers(id) takes: the number of layers
-  // whose last page is full (or that hold no page) or shared (copy on
-  // write). Throws UnknownRequest.
+  // Pages the next append_token_all_layers(id) needs: the number of layers
+  // whose last page is full (or that hold no page) or shared with another
+  // request or a prefix that cannot be evicted (copy on write). A last page
+  // shared only with an evictable cached prefix is not counted: evicting the
+  // prefix makes it writable in place. Throws UnknownRequest.
   [[nodiscard]] Pages pages_needed_to_append(std::string_view id) const;
   // True when allocate_paged of a new id with `prompt` tokens would succeed
   // now (counting pages that evicting cached prefixes would free).
   [[nodiscard]] bool can_allocate(Tokens prompt) const;
+  // The same for a prompt whose first `prefix_tokens` are the prefix
+  // `prefix_hash`: a registered prefix needs only the pages past it (and a
+  // copy of a partial last prefix page the prompt continues in), and is not
+  // counted as evictable. Throws like allocate_paged for bad prefix arguments.
+  [[nodiscard]] Pages pages_needed_to_allocate(Tokens prompt, std::string_view prefix_hash,
+                                               Tokens prefix_tokens) const;
+  [[nodiscard]] bool can_allocate(Tokens prompt, std::string_view prefix_hash,
+                                  Tokens prefix_tokens) const;
   // now / later (fits in the empty cache) / never (larger than the pool).
   [[nodiscard]] Admission admission(Tokens prompt) const;
+  // The same with a prefix. A hit that continues inside a partial prefix page
+  // keeps the registered page and a copy: it is `never` when that cannot fit
+  // beside the prefix in an otherwise empty cache (evict_prefix, then
+  // allocate it as a miss).
+  [[nodiscard]] Admission admission(Tokens prompt, std::string_view prefix_hash,
+                                    Tokens prefix_tokens) const;
   // The longest prompt that fits in the empty cache.
   [[nodiscard]] Tokens max_prompt_tokens() const noexcept;
 
@@ -261,6 +270,23 @@ class PagedKVCache {
   [[nodiscard]] std::size_t slots_used(const Request& r, std::size_t layer,
                                        std::size_t index) const noexcept;
   [[nodiscard]] bool needs_page_to_append(const Request& r, std::size_t layer) const noexcept;
+  // The argument checks of allocate_paged with a prefix; the registered
+  // prefix or nullptr.
+  [[nodiscard]] PrefixRegistry::Prefix* check_prefix_args(const char* where, std::string_view id,
+                                                          Tokens prompt,
+                                                          std::string_view prefix_hash,
+                                                          Tokens prefix_tokens) const;
+  struct HitPlan {
+    std::uint64_t rem = 0;     // slots of a partial last prefix page (0: none)
+    bool copy_partial = false;  // the prompt continues inside it: copy it
+    std::uint64_t shared = 0;  // prefix pages listed, per layer
+    std::uint64_t fresh = 0;   // new pages past the prefix, per layer
+    std::uint64_t need = 0;    // pages taken in all: layers * (fresh + copy)
+  };
+  [[nodiscard]] HitPlan plan_hit(Tokens prompt, Tokens prefix_tokens) const noexcept;
+  // num_layers * ceil(prompt / page_size); std::overflow_error naming `id`.
+  [[nodiscard]] Pages pages_to_allocate(const char* where, std::string_view id,
+                                        Tokens prompt) const;
   [[nodiscard]] bool make_writable(Request& r, std::size_t layer, std::size_t index) noexcept;
   [[nodiscard]] bool append_one(Request& r, std::size_t layer, std::span<const std::byte> key,
                                 std::span<const std::byte> value);
@@ -292,6 +318,11 @@ class PagedKVCache {
   Map requests_;
   Tokens stored_;
   std::uint64_t next_serial_ = 1;
+  // scan_efficiency's scratch, per page: the stamp of the last scan that saw
+  // the page and the most slots a holder used then.
+  mutable std::vector<std::uint32_t> scan_stamp_;
+  mutable std::vector<std::uint32_t> scan_best_;
+  mutable std::uint32_t scan_epoch_ = 0;
 };
 
 }  // namespace kvcache

@@ -2,6 +2,7 @@
 //
 // `Storage` picks whether a cache keeps KV bytes at all (`host`) or only the
 // bookkeeping (`none`, for engines whose KV tensors live on the GPU).
+// `Admission` is the scheduler's answer: now, later or never.
 //
 // `detail::LazyBuffer` is a zero-filled byte region that takes address space
 // at construction and physical memory only for the OS pages actually written:
@@ -40,6 +41,14 @@ export namespace kvcache {
 enum class Storage : std::uint8_t {
   host,  // KV bytes stored in host memory, committed lazily
   none,  // bookkeeping only: page ids and block tables, no KV bytes
+};
+
+// What an engine's scheduler may do with a new request, as the caches'
+// admission() answer it.
+enum class Admission : std::uint8_t {
+  now,    // the memory is available now
+  later,  // not now, but it fits in the empty cache: queue it
+  never,  // larger than the whole cache: reject it, it would wait forever
 };
 
 // The rows of K (or of V) of one layer of one request, in token order.

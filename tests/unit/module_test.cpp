@@ -17,6 +17,8 @@
 //                     detail::LazyBuffer
 //   kvcache.allocator PageHandle, PagePool
 //   kvcache.basic     BasicStats, BasicKVCache
+//   kvcache.prefix    PrefixCounters, PageList, PrefixRegistry (and its Prefix)
+//   kvcache.paged     PagedStats, Admission, PagedKVCache
 #include <gtest/gtest.h>
 
 #include <cstddef>
@@ -28,6 +30,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 import kvcache;
@@ -166,6 +169,130 @@ TEST(Module, BasicKVCache) {
   EXPECT_DOUBLE_EQ(s.utilization_pct, 6.25);
   cache.free("r");
   EXPECT_EQ(cache.stats().num_requests, 0U);
+}
+
+TEST(Module, PrefixRegistry) {
+  kvcache::PrefixRegistry registry(kvcache::Pages{3});
+  kvcache::PrefixCounters& counters = registry.counters();
+  EXPECT_EQ(registry.total_pages(), kvcache::Pages{3});
+  {
+    kvcache::PageList list(registry);
+    list.reserve_more(2);
+    list.adopt(registry.take());
+    list.share(list[0]);  // a second request reference to the same page
+    EXPECT_EQ(list.ids().size(), 2U);
+    EXPECT_EQ(list.size(), 2U);
+    EXPECT_FALSE(list.empty());
+    EXPECT_EQ(list.back(), list[0]);
+    EXPECT_EQ(registry.request_holders(list[0]), 2U);
+    EXPECT_EQ(registry.request_refs(), 2U);
+    EXPECT_FALSE(registry.writable_by(list[0], 1));
+    kvcache::PrefixRegistry::Prefix& sys =
+        registry.prepare("sys", kvcache::Tokens{4}, 1, 1, /*registrant=*/1);
+    registry.hold(sys, list[0]);
+    registry.touch(sys);
+    EXPECT_EQ(registry.owner(list[0]), &sys);
+    EXPECT_EQ(registry.find("sys"), &sys);
+    EXPECT_EQ(std::as_const(registry).find("sys")->tokens, kvcache::Tokens{4});
+    list.replace(1, registry.take());
+    EXPECT_TRUE(registry.writable_by(list[0], 1));  // its registrant, its only request holder
+    kvcache::PageList moved(std::move(list));
+    kvcache::PageList assigned;
+    assigned = std::move(moved);
+    EXPECT_EQ(registry.used_pages(), kvcache::Pages{2});
+    assigned.clear();
+  }
+  EXPECT_EQ(registry.cached_pages(), kvcache::Pages{1});  // only the registry holds it
+  EXPECT_EQ(registry.evictable_except(nullptr), 1U);
+  EXPECT_TRUE(registry.check_invariants(std::vector<std::uint64_t>(3, 0)));
+  registry.make_room(3, nullptr);
+  EXPECT_EQ(registry.free_pages(), kvcache::Pages{3});
+  EXPECT_EQ(counters.prefixes_evicted, 1U);
+  EXPECT_EQ(counters.pages_evicted, 1U);
+  kvcache::PrefixRegistry::Prefix& undo = registry.prepare("undo", kvcache::Tokens{1}, 1, 1, 2);
+  registry.unprepare(undo);
+  EXPECT_EQ(registry.num_prefixes(), 0U);
+  const kvcache::PageId page = registry.take();
+  registry.retain(page);
+  registry.release(page);
+  registry.release(page);
+  EXPECT_EQ(registry.pool().free_pages(), kvcache::Pages{3});
+  {
+    kvcache::PageList a(registry);
+    a.reserve_more(1);
+    a.adopt(registry.take());
+    registry.hold(registry.prepare("p1", kvcache::Tokens{1}, 1, 1, 7), a[0]);
+    kvcache::PageList b(registry);
+    b.reserve_more(1);
+    b.adopt(registry.take());
+    kvcache::PrefixRegistry::Prefix& p2 = registry.prepare("p2", kvcache::Tokens{1}, 1, 1, 8);
+    registry.hold(p2, b[0]);
+    registry.evict(p2);  // b keeps its page
+    EXPECT_EQ(registry.find("p2"), nullptr);
+    EXPECT_EQ(registry.free_pages(), kvcache::Pages{1});
+  }
+  registry.evict_lru();  // p1, cached since `a` went away
+  EXPECT_EQ(registry.clear(), 0U);
+  EXPECT_EQ(registry.free_pages(), kvcache::Pages{3});
+  EXPECT_EQ(counters.prefixes_evicted, 3U);
+}
+
+TEST(Module, PagedKVCache) {
+  // 8-byte rows (2 floats), page size 2: 32-byte pages, 16 of them.
+  kvcache::PagedKVCache cache({2, 1, 2, 4}, kvcache::Bytes{32 * 16}, kvcache::Tokens{2});
+  ASSERT_TRUE(cache.allocate_paged("r", kvcache::Tokens{3}));
+  ASSERT_TRUE(cache.allocate_paged("p", kvcache::Tokens{4}, "sys", kvcache::Tokens{2}));
+  ASSERT_TRUE(cache.fork("r", "f"));
+  const std::vector<std::byte> row(8, std::byte{9});
+  const std::vector<float> floats{1.0F, 2.0F};
+  const std::span<const float> f(floats);
+  ASSERT_TRUE(cache.append_token_paged("r", 0, row, row));
+  ASSERT_TRUE(cache.append_token_paged("r", 0, f, f));
+  ASSERT_TRUE(cache.append_token_paged("r", 1));
+  ASSERT_TRUE(cache.append_token_all_layers("f"));
+  cache.write_kv("r", 0, std::size_t{0}, row, row);
+  cache.write_kv("r", 0, std::size_t{1}, f, f);
+  cache.write_kv("r", 0, kvcache::Tokens{2}, row, row);
+  cache.write_kv("r", 0, kvcache::Tokens{3}, f, f);
+  const auto [keys, values] = cache.get_kv("r", 0);
+  EXPECT_EQ(keys.size(), 5U);
+  EXPECT_EQ(values[0][0], std::byte{9});
+  EXPECT_EQ(cache.block_table("r", 0).size(), 3U);
+  EXPECT_EQ(cache.pages_held("r"), kvcache::Pages{5});
+  EXPECT_EQ(cache.tokens("r", 1), kvcache::Tokens{4});
+  EXPECT_TRUE(cache.contains("f"));
+  EXPECT_EQ(cache.num_requests(), 3U);
+  EXPECT_EQ(cache.request_ids().size(), 3U);
+  EXPECT_EQ(cache.config().dtype_bytes, 4U);
+  EXPECT_EQ(cache.page_size(), kvcache::Tokens{2});
+  EXPECT_EQ(cache.bytes_per_page(), kvcache::Bytes{32});
+  EXPECT_EQ(cache.total_pages(), kvcache::Pages{16});
+  EXPECT_EQ(cache.storage(), kvcache::Storage::host);
+  EXPECT_EQ(cache.pool().capacity(), kvcache::Pages{16});
+  EXPECT_EQ(cache.registry().num_prefixes(), 1U);
+  EXPECT_TRUE(cache.has_prefix("sys"));
+  EXPECT_GT(cache.memory_efficiency(), 0.0);
+  EXPECT_EQ(cache.pages_needed_to_allocate(kvcache::Tokens{3}), kvcache::Pages{4});
+  EXPECT_EQ(cache.pages_needed_to_append("p"), kvcache::Pages{2});
+  EXPECT_TRUE(cache.can_allocate(kvcache::Tokens{1}));
+  EXPECT_EQ(cache.admission(kvcache::Tokens{1}), kvcache::Admission::now);
+  EXPECT_EQ(cache.admission(kvcache::Tokens{16}), kvcache::Admission::later);
+  EXPECT_EQ(cache.admission(kvcache::Tokens{17}), kvcache::Admission::never);
+  EXPECT_EQ(cache.max_prompt_tokens(), kvcache::Tokens{16});
+  EXPECT_TRUE(cache.check_invariants());
+  const kvcache::PagedStats s = cache.stats();
+  EXPECT_EQ(s.free_pages + s.used_pages + s.cached_pages, s.total_pages);
+  EXPECT_EQ(s.prefix_misses, 1U);
+  EXPECT_EQ(s.prefix.misses, 1U);
+  cache.free("p");
+  EXPECT_EQ(cache.stats().cached_pages, kvcache::Pages{2});
+  EXPECT_TRUE(cache.evict_prefix("sys"));
+  EXPECT_EQ(cache.clear_prefix_cache(), 0U);
+  kvcache::PagedKVCache moved(std::move(cache));
+  kvcache::PagedKVCache other({1, 1, 1, 1}, kvcache::Bytes{0}, kvcache::Tokens{1},
+                              kvcache::Storage::none);
+  other = std::move(moved);
+  EXPECT_EQ(other.num_requests(), 2U);
 }
 
 }  // namespace
