@@ -174,18 +174,33 @@ std::size_t PagedKVCache::slots_used(const Request& r, std::size_t layer,
   return static_cast<std::size_t>(std::min(page_size_.count(), r.tokens[layer] - before));
 }
 
-// Does the next append to `layer` need a page of its own? Yes when the last
-// page is full. When the last page is shared, no if `r` may write it, and no
-// in effect if its only other holder is an evictable prefix: evicting that
-// prefix makes the page writable in place, and copying it instead turns the
-// old page into a cached one, so either way free + cached pages do not drop.
-// Counting it would refuse steps that single-layer appends can do.
-bool PagedKVCache::needs_page_to_append(const Request& r, std::size_t layer) const noexcept {
-  if (layer_last_page_full(r, layer)) return true;
+// What the next append to `layer` needs. `page`: a page of its own, for
+// sure (the last page is full, or shared with another request). `swap`: the
+// last page is shared only with the registry: copying it turns the old page
+// into a cached one (or evicting its prefix makes it writable in place), so
+// free + cached pages do not drop, but the step needs one of them to exist at
+// that moment. `none`: the page is writable in place.
+PagedKVCache::AppendNeed PagedKVCache::append_need(const Request& r,
+                                                   std::size_t layer) const noexcept {
+  if (layer_last_page_full(r, layer)) return AppendNeed::page;
   const PageId last = r.tables[layer].back();
-  if (registry_->writable_by(last, r.serial)) return false;
-  const PrefixRegistry::Prefix* owner = registry_->owner(last);
-  return !(owner != nullptr && owner->cached > 0 && registry_->request_holders(last) == 1);
+  if (registry_->writable_by(last, r.serial)) return AppendNeed::none;
+  return registry_->request_holders(last) == 1 ? AppendNeed::swap : AppendNeed::page;
+}
+
+// Pages (free or evictable) that must exist for a step appending to every
+// layer to succeed: every `page` layer consumes one; `swap` layers consume
+// none net but need one to exist, and they go first (see
+// append_token_all_layers), so max(pages, swaps ? 1 : 0).
+std::uint64_t PagedKVCache::step_need(const Request& r) const noexcept {
+  std::uint64_t pages = 0;
+  bool swaps = false;
+  for (std::size_t l = 0; l < r.tables.size(); ++l) {
+    const AppendNeed n = append_need(r, l);
+    pages += n == AppendNeed::page ? 1U : 0U;
+    swaps = swaps || n == AppendNeed::swap;
+  }
+  return std::max<std::uint64_t>(pages, swaps ? 1U : 0U);
 }
 
 // Copy-on-write: makes entry `index` of the layer's table writable by `r`,
@@ -257,10 +272,7 @@ Tokens PagedKVCache::max_prompt_tokens() const noexcept {
 }
 
 Pages PagedKVCache::pages_needed_to_append(std::string_view id) const {
-  const Request& r = find("PagedKVCache::pages_needed_to_append", id);
-  std::uint64_t n = 0;
-  for (std::size_t l = 0; l < r.tokens.size(); ++l) n += needs_page_to_append(r, l) ? 1U : 0U;
-  return Pages{n};
+  return Pages{step_need(find("PagedKVCache::pages_needed_to_append", id))};
 }
 
 // ---- allocation ----------------------------------------------------------------
@@ -283,6 +295,9 @@ bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt) {
   if (need.count() > registry_->free_pages().count() + registry_->evictable_except(nullptr)) {
     return false;  // INV-PAGED-6, INV-REF-4: decided before any change
   }
+  // The running total of stored tokens (beyond the contract) must not
+  // overflow either; checked after the contract's checks, before any change.
+  const Tokens stored = stored_ + tokens_in(Pages{config_.num_layers}, prompt);
   // Everything that can throw happens before the first eviction or page.
   Request r = make_request(prompt);
   r.serial = next_serial_;
@@ -294,7 +309,7 @@ bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt) {
   for (PageList& table : it->second.tables) {
     for (std::uint64_t k = 0; k < per_layer; ++k) table.adopt(take_page());
   }
-  stored_ += tokens_in(Pages{config_.num_layers}, prompt);
+  stored_ = stored;
   KVCACHE_AUDIT(check_invariants());
   return true;
 }
@@ -375,6 +390,7 @@ bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt,
     if (need_plain.count() > registry_->free_pages().count() + registry_->evictable_except(nullptr)) {
       return false;
     }
+    const Tokens stored = stored_ + tokens_in(Pages{layers}, prompt);  // overflow_error, no change
     Request r = make_request(prompt);
     r.serial = next_serial_;
     PrefixRegistry::Prefix& entry = registry_->prepare(
@@ -396,7 +412,7 @@ bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt,
     }
     registry_->touch(entry);
     ++registry_->counters().misses;
-    stored_ += tokens_in(Pages{layers}, prompt);
+    stored_ = stored;
     KVCACHE_AUDIT(check_invariants());
     return true;
   }
@@ -410,6 +426,7 @@ bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt,
   if (need > registry_->free_pages().count() + registry_->evictable_except(prefix)) {
     return false;  // INV-REF-4: nothing evicted; INV-REF-5: the reused prefix not counted
   }
+  const Tokens stored = stored_ + tokens_in(Pages{layers}, prompt);  // overflow_error, no change
   Request r = make_request(prompt);
   r.serial = next_serial_;
   const auto [it, inserted] = requests_.emplace(std::string(id), std::move(r));
@@ -433,7 +450,7 @@ bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt,
   ++c.hits;
   c.pages_saved += layers * shared;
   c.tokens_saved += layers * (shared * ps - (rem != 0 && !copy_partial ? ps - rem : 0U));
-  stored_ += tokens_in(Pages{layers}, prompt);
+  stored_ = stored;
   KVCACHE_AUDIT(check_invariants());
   return true;
 }
@@ -441,6 +458,8 @@ bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt,
 bool PagedKVCache::fork(std::string_view parent_id, std::string_view child_id) {
   const Request& parent = find("PagedKVCache::fork", parent_id);
   if (requests_.find(child_id) != requests_.end()) return false;
+  Tokens stored = stored_;
+  for (const std::uint64_t n : parent.tokens) stored += Tokens{n};  // overflow_error, no change
   for (const PageList& table : parent.tables) {
     for (const PageId p : table.ids()) {
       if (registry_->pool().ref_count(p) == UINT32_MAX) {
@@ -464,7 +483,7 @@ bool PagedKVCache::fork(std::string_view parent_id, std::string_view child_id) {
   for (std::size_t l = 0; l < p.tables.size(); ++l) {
     for (const PageId page : p.tables[l].ids()) it->second.tables[l].share(page);
   }
-  for (const std::uint64_t n : p.tokens) stored_ += Tokens{n};
+  stored_ = stored;
   KVCACHE_AUDIT(check_invariants());
   return true;
 }
@@ -473,6 +492,7 @@ bool PagedKVCache::fork(std::string_view parent_id, std::string_view child_id) {
 
 bool PagedKVCache::append_one(Request& r, std::size_t layer, std::span<const std::byte> key,
                               std::span<const std::byte> value) {
+  const Tokens stored = stored_ + Tokens{1U};  // overflow_error before any change
   PageList& table = r.tables[layer];
   if (layer_last_page_full(r, layer)) {
     const bool can = registry_->free_pages() > Pages{0} || registry_->cached_pages() > Pages{0};
@@ -493,7 +513,7 @@ bool PagedKVCache::append_one(Request& r, std::size_t layer, std::span<const std
     }
   }
   ++r.tokens[layer];
-  ++stored_;
+  stored_ = stored;
   KVCACHE_AUDIT(check_invariants());
   return true;
 }
@@ -528,19 +548,26 @@ bool PagedKVCache::append_token_paged(std::string_view id, std::size_t layer) {
 bool PagedKVCache::append_token_all_layers(std::string_view id) {
   constexpr const char* where = "PagedKVCache::append_token_all_layers";
   Request& r = find(where, id);
-  std::uint64_t need = 0;
-  for (std::size_t l = 0; l < r.tables.size(); ++l) need += needs_page_to_append(r, l) ? 1U : 0U;
-  if (need > registry_->free_pages().count() + registry_->evictable_except(nullptr)) {
+  if (step_need(r) > registry_->free_pages().count() + registry_->evictable_except(nullptr)) {
     return false;  // INV-PAGED-6: all layers or none
   }
-  for (PageList& table : r.tables) table.reserve_more(1);  // may throw; nothing changed yet
-  // Each layer's append finds its page: free ones first, then by eviction,
-  // which can only lower the remaining need (an evicted prefix may make a
-  // shared page writable in place).
-  for (std::size_t l = 0; l < r.tables.size(); ++l) {
-    const bool ok = append_one(r, l, {}, {});
-    KVCACHE_ASSERT(ok);
+  // Everything that can throw before the first change.
+  const Tokens stored = stored_ + Tokens{r.tables.size()};
+  for (PageList& table : r.tables) table.reserve_more(1);
+  // `swap` layers first, while free + cached >= 1 is still guaranteed: each
+  // leaves free + cached as it was. Then `page` layers, one page each, by
+  // eviction when none is free; an eviction can only lower what is left.
+  std::vector<AppendNeed> needs;
+  needs.reserve(r.tables.size());
+  for (std::size_t l = 0; l < r.tables.size(); ++l) needs.push_back(append_need(r, l));
+  for (const AppendNeed pass : {AppendNeed::swap, AppendNeed::none, AppendNeed::page}) {
+    for (std::size_t l = 0; l < r.tables.size(); ++l) {
+      if (needs[l] != pass) continue;
+      const bool ok = append_one(r, l, {}, {});
+      KVCACHE_ASSERT(ok);
+    }
   }
+  KVCACHE_ASSERT(stored_ == stored);
   return true;
 }
 

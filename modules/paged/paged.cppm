@@ -195,11 +195,11 @@ class PagedKVCache {
   // Admission helpers for a scheduler.
   // Pages a new request of `prompt` tokens takes: num_layers * ceil(prompt / page_size).
   [[nodiscard]] Pages pages_needed_to_allocate(Tokens prompt) const;
-  // Pages the next append_token_all_layers(id) needs: the number of layers
-  // whose last page is full (or that hold no page) or shared with another
-  // request or a prefix that cannot be evicted (copy on write). A last page
-  // shared only with an evictable cached prefix is not counted: evicting the
-  // prefix makes it writable in place. Throws UnknownRequest.
+  // Free or evictable pages the next append_token_all_layers(id) needs: one
+  // per layer whose last page is full (or that holds no page) or shared with
+  // another request (copy on write); at least 1 when a layer's last page is
+  // shared only with the registry (its copy leaves the old page cached, so
+  // it consumes nothing net, but needs a page to exist). Throws UnknownRequest.
   [[nodiscard]] Pages pages_needed_to_append(std::string_view id) const;
   // True when allocate_paged of a new id with `prompt` tokens would succeed
   // now (counting pages that evicting cached prefixes would free).
@@ -269,7 +269,9 @@ class PagedKVCache {
   [[nodiscard]] bool layer_last_page_full(const Request& r, std::size_t layer) const noexcept;
   [[nodiscard]] std::size_t slots_used(const Request& r, std::size_t layer,
                                        std::size_t index) const noexcept;
-  [[nodiscard]] bool needs_page_to_append(const Request& r, std::size_t layer) const noexcept;
+  enum class AppendNeed : std::uint8_t { none, swap, page };
+  [[nodiscard]] AppendNeed append_need(const Request& r, std::size_t layer) const noexcept;
+  [[nodiscard]] std::uint64_t step_need(const Request& r) const noexcept;
   // The argument checks of allocate_paged with a prefix; the registered
   // prefix or nullptr.
   [[nodiscard]] PrefixRegistry::Prefix* check_prefix_args(const char* where, std::string_view id,
