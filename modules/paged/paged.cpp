@@ -514,7 +514,6 @@ bool PagedKVCache::append_one(Request& r, std::size_t layer, std::span<const std
   }
   ++r.tokens[layer];
   stored_ = stored;
-  KVCACHE_AUDIT(check_invariants());
   return true;
 }
 
@@ -526,7 +525,9 @@ bool PagedKVCache::append_token_paged(std::string_view id, std::size_t layer,
   detail::check_layer(where, id, layer, config_.num_layers);
   detail::check_row_bytes(where, id, layer, "key", key.size(), row_bytes_.count());
   detail::check_row_bytes(where, id, layer, "value", value.size(), row_bytes_.count());
-  return append_one(find(where, id), layer, key, value);
+  const bool ok = append_one(find(where, id), layer, key, value);
+  KVCACHE_AUDIT(check_invariants());  // once per public call (append_one is per layer)
+  return ok;
 }
 
 bool PagedKVCache::append_token_paged(std::string_view id, std::size_t layer,
@@ -542,7 +543,9 @@ bool PagedKVCache::append_token_paged(std::string_view id, std::size_t layer,
 bool PagedKVCache::append_token_paged(std::string_view id, std::size_t layer) {
   constexpr const char* where = "PagedKVCache::append_token_paged";
   detail::check_layer(where, id, layer, config_.num_layers);
-  return append_one(find(where, id), layer, {}, {});
+  const bool ok = append_one(find(where, id), layer, {}, {});
+  KVCACHE_AUDIT(check_invariants());
+  return ok;
 }
 
 bool PagedKVCache::append_token_all_layers(std::string_view id) {
@@ -568,6 +571,7 @@ bool PagedKVCache::append_token_all_layers(std::string_view id) {
     }
   }
   KVCACHE_ASSERT(stored_ == stored);
+  KVCACHE_AUDIT(check_invariants());
   return true;
 }
 
