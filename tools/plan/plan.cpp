@@ -142,24 +142,6 @@ std::string delta(std::uint64_t a, std::uint64_t b) {
 
 // ---- JSON ----------------------------------------------------------------
 
-std::string json_string(std::string_view s) {
-  std::string out = "\"";
-  for (const char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      constexpr std::string_view hex = "0123456789abcdef";
-      out += "\\u00";
-      out += hex[static_cast<unsigned char>(c) >> 4U];
-      out += hex[static_cast<unsigned char>(c) & 0xFU];
-    } else {
-      out += c;
-    }
-  }
-  return out + "\"";
-}
-
 // A flat JSON object writer: fields in insertion order, nested objects by
 // passing an already-rendered object as `raw`.
 class JsonObject {
@@ -867,6 +849,24 @@ int run(std::span<const std::string_view> args, std::ostream& out, std::ostream&
     err << "kvcache-plan: internal error: unknown exception\n";
     return kExitInternal;
   }
+}
+
+std::string json_string(std::string_view s) {
+  std::string out = "\"";
+  for (const char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      constexpr std::string_view hex = "0123456789abcdef";
+      out += "\\u00";
+      out += hex[static_cast<unsigned char>(c) >> 4U];
+      out += hex[static_cast<unsigned char>(c) & 0xFU];
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
 }
 
 }  // namespace kvcache_plan

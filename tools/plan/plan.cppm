@@ -192,6 +192,10 @@ struct Report {
 
 // 1234567 -> "1,234,567".
 [[nodiscard]] std::string group_digits(std::uint64_t n);
+
+// `s` as a JSON string literal: quotes, backslashes and control characters
+// escaped. Shared with kvcache-sim's JSON writer.
+[[nodiscard]] std::string json_string(std::string_view s);
 // Bytes{131072} -> "128.0 KiB (131,072 B)"; below 1 KiB just "1,000 B".
 // The one decimal is truncated, never rounded up (1 GiB - 1 B is "1023.9 MiB").
 [[nodiscard]] std::string format_bytes(kvcache::Bytes b);

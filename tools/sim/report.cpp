@@ -108,23 +108,7 @@ std::vector<Tokens> parse_page_sizes(std::string_view text) {
 
 // ---- JSON --------------------------------------------------------------------
 
-std::string json_string(std::string_view s) {
-  std::string out = "\"";
-  for (const char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      constexpr std::string_view hex = "0123456789abcdef";
-      out += "\\u00";
-      out += hex[static_cast<unsigned char>(c) >> 4U];
-      out += hex[static_cast<unsigned char>(c) & 0xFU];
-    } else {
-      out += c;
-    }
-  }
-  return out + "\"";
-}
+using kvcache_plan::json_string;
 
 // A streaming JSON writer: nested objects and arrays, two-space indentation,
 // arrays of numbers on one line.
