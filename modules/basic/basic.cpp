@@ -65,7 +65,7 @@ bool BasicKVCache::allocate(std::string_view id, Tokens prompt, Tokens max_gen) 
   // Everything that can throw (mapping, vectors, the map node) happens before
   // the first change to the counters: the strong guarantee.
   const auto size = gsl::narrow<std::size_t>(bytes.count());
-  std::unique_ptr<std::byte[], detail::FreeBytes> data;
+  std::unique_ptr<std::byte[], detail::FreeBytes> data;  // NOLINT(cppcoreguidelines-avoid-c-arrays): an owned raw byte block, not an array of objects
   if (size != 0 && storage_ == Storage::host) {
     // Uninitialised, so lazily committed.
     data.reset(static_cast<std::byte*>(::operator new[](size, std::nothrow)));

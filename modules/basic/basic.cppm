@@ -143,7 +143,7 @@ class BasicKVCache {
   struct Request {
     Tokens capacity;                   // prompt + max_gen
     // capacity * bytes_per_token, layer-major (none in Storage::none mode)
-    std::unique_ptr<std::byte[], detail::FreeBytes> data;
+    std::unique_ptr<std::byte[], detail::FreeBytes> data;  // NOLINT(cppcoreguidelines-avoid-c-arrays): an owned raw byte block
     std::size_t size = 0;               // bytes of `data`
     std::vector<std::uint64_t> count;  // tokens stored per layer
   };

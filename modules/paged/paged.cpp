@@ -130,7 +130,7 @@ PageId PagedKVCache::copy_page(PageId from, std::size_t slots) noexcept {
       std::memcpy(slot_key(to, 0), slot_key(from, 0), n * row);
       std::memcpy(slot_value(to, 0), slot_value(from, 0), n * row);
     }
-    written_[to.index()] = static_cast<std::uint32_t>(n);
+    written_[to.index()] = n;
   }
   ++registry_->counters().cow_copies;
   return to;
@@ -150,12 +150,12 @@ std::byte* PagedKVCache::slot_value(PageId page, std::size_t slot) noexcept {
 
 void PagedKVCache::write_slot(PageId page, std::size_t slot, std::span<const std::byte> key,
                               std::span<const std::byte> value) noexcept {
-  std::uint32_t& mark = written_[page.index()];
+  std::uint64_t& mark = written_[page.index()];
   // Slots skipped over read as zero: clear them before moving the mark.
   for (std::size_t s = mark; s < slot; ++s) zero_slot(page, s);
   std::memcpy(slot_key(page, slot), key.data(), key.size());
   std::memcpy(slot_value(page, slot), value.data(), value.size());
-  mark = std::max(mark, static_cast<std::uint32_t>(slot + 1));
+  mark = std::max<std::uint64_t>(mark, slot + 1);
 }
 
 void PagedKVCache::zero_slot(PageId page, std::size_t slot) noexcept {
@@ -258,6 +258,9 @@ Admission PagedKVCache::admission(Tokens prompt, std::string_view prefix_hash,
   constexpr const char* where = "PagedKVCache::admission";
   const PrefixRegistry::Prefix* prefix =
       check_prefix_args(where, {}, prompt, prefix_hash, prefix_tokens);
+  // The overflow check of the whole prompt comes first, hit or miss: a hit's
+  // page count (at most the prompt's) is then computed without overflow.
+  (void)pages_to_allocate(where, {}, prompt);
   if (prefix == nullptr) return admission(prompt);
   const HitPlan plan = plan_hit(prompt, prefix_tokens);
   // In an otherwise empty cache the prefix's own pages stay, beside the
@@ -725,7 +728,7 @@ double PagedKVCache::scan_efficiency() const {
       const auto ids = r.tables[l].ids();
       for (std::size_t i = 0; i < ids.size(); ++i) {
         const std::size_t p = ids[i].index();
-        const auto used = static_cast<std::uint32_t>(slots_used(r, l, i));
+        const std::uint64_t used = slots_used(r, l, i);  // a page may hold 2^32 tokens or more
         if (scan_stamp_[p] != scan_epoch_) {
           scan_stamp_[p] = scan_epoch_;
           scan_best_[p] = used;
@@ -786,7 +789,7 @@ bool PagedKVCache::check_invariants() const {
   }
   if (!registry_->check_invariants(holders)) return false;  // INV-REF-*, INV-PAGED-1
   if (storage_ == Storage::host) {
-    for (const std::uint32_t w : written_) {
+    for (const std::uint64_t w : written_) {
       if (w > page_size_.count()) return false;  // INV-PAGED-4
     }
   }

@@ -315,7 +315,7 @@ class PagedKVCache {
   // a move of the cache. Declared before requests_: destroyed after them.
   std::unique_ptr<PrefixRegistry> registry_;
   detail::LazyBuffer arena_;             // total_pages * bytes_per_page (host mode)
-  std::vector<std::uint32_t> written_;   // per page: written mark (host mode)
+  std::vector<std::uint64_t> written_;   // per page: written mark (host mode)
   std::vector<std::byte> zero_row_;      // row_bytes_ zeros, served for unwritten slots
   Map requests_;
   Tokens stored_;
@@ -323,7 +323,7 @@ class PagedKVCache {
   // scan_efficiency's scratch, per page: the stamp of the last scan that saw
   // the page and the most slots a holder used then.
   mutable std::vector<std::uint32_t> scan_stamp_;
-  mutable std::vector<std::uint32_t> scan_best_;
+  mutable std::vector<std::uint64_t> scan_best_;
   mutable std::uint32_t scan_epoch_ = 0;
 };
 

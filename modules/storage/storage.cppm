@@ -106,7 +106,7 @@ class TokenRows {
   struct Paged {
     const std::byte* arena = nullptr;        // page p starts at arena + p * page_bytes
     const PageId* pages = nullptr;           // the block table
-    const std::uint32_t* written = nullptr;  // per page: slots [0, written) were written
+    const std::uint64_t* written = nullptr;  // per page: slots [0, written) were written
     const std::byte* zero_row = nullptr;     // row_bytes zero bytes
     std::size_t page_tokens = 0;             // slots per page
     std::size_t page_bytes = 0;

@@ -55,7 +55,7 @@ Bytes tokens_bytes(std::uint64_t tokens) { return Bytes{tokens * kBytesPerToken}
 std::vector<std::byte> row(std::size_t n, std::uint8_t tag, std::size_t layer, std::size_t token) {
   std::vector<std::byte> r(n);
   for (std::size_t i = 0; i < n; ++i) {
-    r[i] = static_cast<std::byte>((tag * 131U) ^ (layer * 37U) ^ (token * 11U) ^ (i * 7U) ^
+    r[i] = static_cast<std::byte>((std::size_t{tag} * 131U) ^ (layer * 37U) ^ (token * 11U) ^ (i * 7U) ^
                                   (i >> 8U));
   }
   return r;
@@ -115,6 +115,7 @@ Snapshot snapshot(const BasicKVCache& cache) {
     RequestState r{id, cache.reservation(id), {}, {}, {}};
     for (std::size_t layer = 0; layer < cache.config().num_layers; ++layer) {
       r.tokens.push_back(cache.tokens(id, layer));
+      if (cache.storage() == kvcache::Storage::none) continue;  // no bytes to read
       const auto [keys, values] = cache.get_kv(id, layer);
       auto& k = r.keys.emplace_back();
       auto& v = r.values.emplace_back();
@@ -212,10 +213,11 @@ TEST(BasicKVCacheTest, BuiltFromACopyListInitializedConfig) {
 }
 
 TEST(BasicKVCacheTest, InvalidConfigThrowsInvalidArgumentNamingTheField) {
-  const struct {
+  struct Case {
     ModelConfig cfg;
     const char* field;
-  } cases[] = {
+  };
+  const std::vector<Case> cases = {
       {{0, 8, 128, 2}, "num_layers"},
       {{32, 0, 128, 2}, "num_kv_heads"},
       {{32, 8, 0, 2}, "head_dim"},
@@ -518,7 +520,7 @@ TEST(BasicKVCacheTest, SeedModelReadBackAcrossDistantLayers) {
   BasicKVCache cache(kSeed, Bytes{1ULL << 30});
   ASSERT_TRUE(cache.allocate("r", Tokens{100}, Tokens{28}));
   const std::size_t row_bytes = 2048;
-  const std::size_t layers[] = {31, 0, 17, 31, 0, 31};
+  const std::vector<std::size_t> layers = {31, 0, 17, 31, 0, 31};
   std::vector<std::size_t> count(32, 0);
   for (const std::size_t layer : layers) {
     cache.append_token("r", layer, key_row(layer, count[layer], row_bytes),
@@ -589,8 +591,9 @@ TEST(BasicKVCacheTest, FloatOverloadStoresTheFloatsBytes) {
   const auto [keys, values] = cache.get_kv("f", 2);
   ASSERT_EQ(keys.size(), 2U);
   ASSERT_EQ(keys[0].size(), n * sizeof(float));
-  EXPECT_EQ(std::memcmp(keys[0].data(), key.data(), n * sizeof(float)), 0);
-  EXPECT_EQ(std::memcmp(values[0].data(), value.data(), n * sizeof(float)), 0);
+  // Byte-exact: the floats come back with the very bits that went in.
+  EXPECT_EQ(copy(keys[0]), copy(std::as_bytes(std::span<const float>(key))));
+  EXPECT_EQ(copy(values[0]), copy(std::as_bytes(std::span<const float>(value))));
   EXPECT_EQ(copy(keys[1]), key_row(2, 1));
   EXPECT_EQ(cache.tokens("f", 0), Tokens{0});
   EXPECT_TRUE(cache.check_invariants());
@@ -777,6 +780,78 @@ TEST(BasicKVCacheTest, FloatOverloadAlsoStopsAtTheReservation) {
 
 // ---------------------------------------------------------------------------
 // free
+
+// ---------------------------------------------------------------------------
+// Storage::none: the accounting without the bytes (beyond the contract)
+
+TEST(BasicKVCacheStorageNone, AccountsLikeHostStorageWithoutBytes) {
+  BasicKVCache none(kSmall, tokens_bytes(20), kvcache::Storage::none);
+  BasicKVCache host(kSmall, tokens_bytes(20));
+  EXPECT_EQ(none.storage(), kvcache::Storage::none);
+  for (BasicKVCache* c : {&none, &host}) {
+    ASSERT_TRUE(c->allocate("a", Tokens{3}, Tokens{2}));
+    ASSERT_TRUE(c->allocate("b", Tokens{1}, Tokens{1}));
+    c->append_token("a", 0);
+    c->append_token("a", 0);
+    c->append_token("b", 3);
+  }
+  const BasicStats n = none.stats();
+  const BasicStats h = host.stats();
+  EXPECT_EQ(n.used_memory, h.used_memory);
+  EXPECT_EQ(n.used_memory, tokens_bytes(7));
+  EXPECT_EQ(n.reserved_tokens, h.reserved_tokens);
+  EXPECT_EQ(n.stored_tokens, Tokens{3});
+  EXPECT_EQ(n.stored_tokens, h.stored_tokens);
+  EXPECT_EQ(none.tokens("a", 0), Tokens{2});
+  EXPECT_EQ(none.tokens("b", 3), Tokens{1});
+  none.free("a");
+  EXPECT_EQ(none.stats().used_memory, tokens_bytes(2));
+  EXPECT_TRUE(none.check_invariants());
+}
+
+TEST(BasicKVCacheStorageNone, CallsThatPassOrReadBytesThrowLogicErrorAndChangeNothing) {
+  BasicKVCache cache(kSmall, tokens_bytes(20), kvcache::Storage::none);
+  ASSERT_TRUE(cache.allocate("r", Tokens{2}, Tokens{1}));
+  cache.append_token("r", 1);
+  const Snapshot before = snapshot(cache);
+  const std::string msg = message_of<std::logic_error>(
+      [&] { cache.append_token("r", 1, key_row(1, 1), value_row(1, 1)); });
+  EXPECT_TRUE(has(msg, "Storage::none")) << msg;
+  EXPECT_EQ(snapshot(cache), before);
+  const std::vector<float> f(kSmall.num_kv_heads * kSmall.head_dim);
+  EXPECT_THROW(cache.append_token("r", 1, std::span<const float>(f), std::span<const float>(f)),
+               std::logic_error);
+  EXPECT_EQ(snapshot(cache), before);
+  EXPECT_THROW((void)cache.get_kv("r", 1), std::logic_error);
+  EXPECT_EQ(snapshot(cache), before);
+  EXPECT_TRUE(cache.check_invariants());
+}
+
+TEST(BasicKVCacheStorageNone, DatalessAppendStopsAtTheReservationAndChecksItsArguments) {
+  BasicKVCache cache(kSmall, tokens_bytes(20), kvcache::Storage::none);
+  ASSERT_TRUE(cache.allocate("r", Tokens{1}, Tokens{1}));  // 2 tokens per layer
+  cache.append_token("r", 2);
+  cache.append_token("r", 2);
+  const Snapshot before = snapshot(cache);
+  EXPECT_THROW(cache.append_token("r", 2), kvcache::ReservationExceeded);
+  EXPECT_EQ(snapshot(cache), before);
+  EXPECT_THROW(cache.append_token("r", 4), std::out_of_range);
+  EXPECT_EQ(snapshot(cache), before);
+  EXPECT_THROW(cache.append_token("nobody", 0), kvcache::UnknownRequest);
+  EXPECT_EQ(snapshot(cache), before);
+  EXPECT_EQ(cache.tokens("r", 2), Tokens{2});
+  EXPECT_TRUE(cache.check_invariants());
+}
+
+TEST(BasicKVCacheStorageNone, NeedsNoHostMemoryForAHugeReservation) {
+  // 2^50 bytes of reservations: only the accounting exists.
+  BasicKVCache cache(kSmall, Bytes{1ULL << 50}, kvcache::Storage::none);
+  ASSERT_TRUE(cache.allocate("r", Tokens{(1ULL << 50) / kBytesPerToken}, Tokens{0}));
+  EXPECT_EQ(cache.stats().free_memory, Bytes{0});
+  cache.append_token("r", 0);
+  EXPECT_EQ(cache.tokens("r", 0), Tokens{1});
+  EXPECT_TRUE(cache.check_invariants());
+}
 
 TEST(BasicKVCacheTest, FreeReleasesExactlyTheReservation) {
   BasicKVCache cache = populated_cache();

@@ -68,7 +68,7 @@ std::vector<std::byte> row(std::uint8_t tag, std::size_t layer, std::size_t toke
                            std::size_t n = kRow) {
   std::vector<std::byte> r(n);
   for (std::size_t i = 0; i < n; ++i) {
-    r[i] = static_cast<std::byte>(((tag * 131U) ^ (layer * 37U) ^ (token * 11U) ^ (i * 7U)) | 1U);
+    r[i] = static_cast<std::byte>(((std::size_t{tag} * 131U) ^ (layer * 37U) ^ (token * 11U) ^ (i * 7U)) | 1U);
   }
   return r;
 }
@@ -350,10 +350,11 @@ TEST(PagedKVCacheTest, BuiltWithTheContractSignature) {
 }
 
 TEST(PagedKVCacheTest, TotalPagesIsBudgetDividedByBytesPerPage) {
-  const struct {
+  struct Case {
     std::uint64_t budget;
     std::uint64_t pages;
-  } cases[] = {{0, 0}, {1, 0}, {63, 0}, {64, 1}, {127, 1}, {128, 2}, {64 * 10 + 63, 10}};
+  };
+  const std::vector<Case> cases = {{0, 0}, {1, 0}, {63, 0}, {64, 1}, {127, 1}, {128, 2}, {64 * 10 + 63, 10}};
   for (const auto& c : cases) {
     SCOPED_TRACE(c.budget);
     PagedKVCache cache(kSmall, Bytes{c.budget}, kPage);
@@ -381,10 +382,11 @@ TEST(PagedKVCacheTest, EmptyPoolAcceptsOnlyEmptyPrompts) {
 }
 
 TEST(PagedKVCacheTest, InvalidConfigThrowsInvalidArgumentNamingTheField) {
-  const struct {
+  struct Case {
     ModelConfig cfg;
     const char* field;
-  } cases[] = {
+  };
+  const std::vector<Case> cases = {
       {{0, 8, 128, 2}, "num_layers"},
       {{32, 0, 128, 2}, "num_kv_heads"},
       {{32, 8, 0, 2}, "head_dim"},
@@ -504,7 +506,7 @@ TEST(PagedKVCacheTest, MemoryEfficiencyContractExampleOnAnyNumberOfLayers) {
     for (const std::uint32_t heads : {1U, 8U}) {
       const ModelConfig cfg{layers, heads, 4, 2};
       SCOPED_TRACE(kvcache::to_string(cfg));
-      PagedKVCache cache(cfg, pages(2 * layers, cfg), kPage);
+      PagedKVCache cache(cfg, pages(2ULL * layers, cfg), kPage);
       ASSERT_TRUE(cache.allocate_paged("r", Tokens{5}));
       EXPECT_DOUBLE_EQ(cache.memory_efficiency(), 0.625);
       EXPECT_EQ(cache.pages_held("r"), Pages{2 * layers});
@@ -578,6 +580,42 @@ TEST(PagedKVCacheTest, PromptWhosePageCountOverflowsThrowsOverflowError) {
   EXPECT_THROW((void)cache.admission(Tokens::max()), std::overflow_error);
   EXPECT_EQ(snapshot(cache), before);
   EXPECT_FALSE(cache.contains("big"));
+  expect_consistent(cache);
+}
+
+// Regression (fuzzer, tests/fuzz/corpus/regression-admission-prefix-hit-page-count-overflow):
+// admission() with a registered prefix skipped the overflow check of the
+// prompt's page count and answered Admission::never; every other admission
+// helper throws std::overflow_error for the same arguments.
+TEST(PagedKVCacheTest, AdmissionWithARegisteredPrefixThrowsForAnOverflowingPrompt) {
+  PagedKVCache cache(kDeep, pages(16, kDeep), kPage);
+  ASSERT_TRUE(cache.allocate_paged("a", Tokens{6}, "h0", Tokens{6}));
+  const Snapshot before = snapshot(cache);
+  EXPECT_THROW((void)cache.admission(Tokens::max(), "h0", Tokens{6}), std::overflow_error);
+  EXPECT_THROW((void)cache.can_allocate(Tokens::max(), "h0", Tokens{6}), std::overflow_error);
+  EXPECT_THROW((void)cache.pages_needed_to_allocate(Tokens::max(), "h0", Tokens{6}),
+               std::overflow_error);
+  EXPECT_EQ(snapshot(cache), before);
+  // The largest prompt whose page count fits still gets an answer.
+  const std::uint64_t largest = ((1ULL << 61) - 1) * 4;
+  EXPECT_EQ(cache.admission(Tokens{largest}, "h0", Tokens{6}), kvcache::Admission::never);
+  expect_consistent(cache);
+}
+
+// Regression (fuzzer, tests/fuzz/corpus/regression-efficiency-page-size-2p40-fork):
+// the shared-page scan of memory_efficiency() kept a page's used slots in 32
+// bits, so a page of 2^40 tokens counted as empty (0.0 instead of 1.0).
+TEST(PagedKVCacheTest, MemoryEfficiencyOfSharedPagesLargerThan2To32Tokens) {
+  constexpr ModelConfig one{1, 1, 1, 1};
+  const Tokens page{1ULL << 40};
+  PagedKVCache cache(one, Bytes{4 * one.bytes_per_page(page).count()}, page,
+                     kvcache::Storage::none);
+  ASSERT_TRUE(cache.allocate_paged("a", page));
+  EXPECT_DOUBLE_EQ(cache.memory_efficiency(), 1.0);  // the O(1) path
+  ASSERT_TRUE(cache.fork("a", "b"));
+  EXPECT_DOUBLE_EQ(cache.memory_efficiency(), 1.0);  // the shared-page scan
+  ASSERT_TRUE(cache.allocate_paged("c", Tokens{(1ULL << 39) + 1}));
+  EXPECT_DOUBLE_EQ(cache.memory_efficiency(), (1.5 + 1.0 / (1ULL << 40)) / 2.0);
   expect_consistent(cache);
 }
 
@@ -1598,7 +1636,7 @@ TEST(PagedKVCacheLazyCommit, WritingTokensCommitsMemoryInProportion) {
   // Wide rows (64 KiB K, 64 KiB V per token per layer) so that the audited
   // check after each write (O(pages)) is small next to the data written.
   constexpr ModelConfig wide{2, 32, 512, 4};
-  constexpr std::size_t row_bytes = 32 * 512 * 4;
+  constexpr std::size_t row_bytes = std::size_t{32} * 512 * 4;
   PagedKVCache cache(wide, Bytes{8ULL << 30}, Tokens{64});  // 1024 pages of 8 MiB
   ASSERT_EQ(cache.total_pages(), Pages{1024});
   ASSERT_TRUE(cache.allocate_paged("r", Tokens{4096}));  // 64 pages per layer: 1 GiB

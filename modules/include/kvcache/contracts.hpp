@@ -29,12 +29,40 @@
 #define KVCACHE_CONTRACT_LEVEL 1
 #endif
 
+namespace kvcache::detail {
+// The one place a broken contract ends. Not variadic (no printf-style call in
+// every checking expression), out of line of the check, and never inlined
+// into the hot paths that check.
+[[noreturn, gnu::cold, gnu::noinline]] inline void contract_failed(const char* kind,
+                                                                   const char* text,
+                                                                   const char* file,
+                                                                   int line) noexcept {
+  std::fputs("kvcache: ", stderr);
+  std::fputs(kind, stderr);
+  std::fputs(" violated: ", stderr);
+  std::fputs(text, stderr);
+  std::fputs(" (", stderr);
+  std::fputs(file, stderr);
+  std::fputs(":", stderr);
+  // A decimal line number without a vararg call.
+  char digits[12] = {};  // NOLINT(cppcoreguidelines-avoid-c-arrays): a fixed scratch buffer, no <array> in every includer
+  int at = static_cast<int>(sizeof digits) - 1;
+  unsigned value = line < 0 ? 0U : static_cast<unsigned>(line);
+  do {
+    digits[--at] = static_cast<char>('0' + value % 10U);  // NOLINT(cppcoreguidelines-pro-bounds-constant-array-index)
+    value /= 10U;
+  } while (value != 0U && at > 0);
+  std::fputs(&digits[at], stderr);  // NOLINT(cppcoreguidelines-pro-bounds-constant-array-index)
+  std::fputs(")\n", stderr);
+  std::fflush(stderr);
+  std::terminate();
+}
+}  // namespace kvcache::detail
+
 // NOLINTBEGIN(cppcoreguidelines-macro-usage): macros are the only way to
 // capture the condition text and the source location before C++26 contracts.
-#define KVCACHE_CONTRACT_FAIL_(kind, text)                                            \
-  (std::fprintf(stderr, "kvcache: %s violated: %s (%s:%d)\n", kind, text, __FILE__, \
-                __LINE__),                                                            \
-   std::fflush(stderr), std::terminate())
+#define KVCACHE_CONTRACT_FAIL_(kind, text) \
+  ::kvcache::detail::contract_failed(kind, text, __FILE__, __LINE__)
 
 #if KVCACHE_CONTRACT_LEVEL >= 1
 #define KVCACHE_EXPECTS(cond) \
