@@ -6,6 +6,7 @@ module;
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -302,6 +303,7 @@ bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt) {
   // overflow either; checked after the contract's checks, before any change.
   const Tokens stored = stored_ + tokens_in(Pages{config_.num_layers}, prompt);
   // Everything that can throw happens before the first eviction or page.
+  registry_->reserve_events(0);  // an eviction of a content block records an event
   Request r = make_request(prompt);
   r.serial = next_serial_;
   auto [it, inserted] = requests_.emplace(std::string(id), std::move(r));
@@ -394,6 +396,7 @@ bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt,
       return false;
     }
     const Tokens stored = stored_ + tokens_in(Pages{layers}, prompt);  // overflow_error, no change
+    registry_->reserve_events(0);
     Request r = make_request(prompt);
     r.serial = next_serial_;
     PrefixRegistry::Prefix& entry = registry_->prepare(
@@ -430,6 +433,7 @@ bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt,
     return false;  // INV-REF-4: nothing evicted; INV-REF-5: the reused prefix not counted
   }
   const Tokens stored = stored_ + tokens_in(Pages{layers}, prompt);  // overflow_error, no change
+  registry_->reserve_events(0);
   Request r = make_request(prompt);
   r.serial = next_serial_;
   const auto [it, inserted] = requests_.emplace(std::string(id), std::move(r));
@@ -448,6 +452,7 @@ bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt,
     }
     for (std::uint64_t k = 0; k < fresh; ++k) table.adopt(take_page());
   }
+  it->second.cached_tokens = prefix_tokens.count();
   registry_->touch(*prefix);
   PrefixCounters& c = registry_->counters();
   ++c.hits;
@@ -456,6 +461,230 @@ bool PagedKVCache::allocate_paged(std::string_view id, Tokens prompt,
   stored_ = stored;
   KVCACHE_AUDIT(check_invariants());
   return true;
+}
+
+// ---- automatic prefix caching by content ---------------------------------------
+
+void PagedKVCache::prepare_blocks(Content& chain, std::uint64_t from,
+                                  std::span<const TokenId> ids, std::uint64_t registrant,
+                                  std::vector<PrefixRegistry::Block*>& out) {
+  const auto ps = static_cast<std::size_t>(page_size_.count());
+  Content next = chain;  // a copy: `chain` changes only when nothing threw
+  const std::size_t first_out = out.size();
+  std::uint64_t pos = from;
+  try {
+    std::size_t i = 0;
+    while (i < ids.size()) {
+      const std::size_t take = std::min(ps - next.tail.size(), ids.size() - i);
+      std::span<const TokenId> page;
+      if (next.tail.empty() && take == ps) {
+        page = ids.subspan(i, ps);  // a whole page of `ids`: no copy
+      } else {
+        next.tail.insert(next.tail.end(), ids.begin() + static_cast<std::ptrdiff_t>(i),
+                         ids.begin() + static_cast<std::ptrdiff_t>(i + take));
+        if (next.tail.size() < ps) break;  // the last page stays partial
+        page = next.tail;
+      }
+      i += take;
+      pos += take;
+      const std::uint64_t key = registry_->block_key(next.last_key, next.salt, page);
+      if (const PrefixRegistry::Block* same =
+              registry_->find_block(key, next.last_serial, page, next.salt)) {
+        out.push_back(nullptr);  // equal content is cached already: chain on to it
+        next.last_serial = same->serial;
+      } else {
+        out.push_back(nullptr);  // room first, so that the block is never lost
+        PrefixRegistry::Block& b =
+            registry_->prepare_block(key, next.last_key, next.last_serial, pos - ps, page,
+                                     next.salt, config_.num_layers, registrant);
+        out.back() = &b;
+        next.last_serial = b.serial;
+      }
+      next.last_key = key;
+      next.tail.clear();
+    }
+  } catch (...) {
+    for (std::size_t k = first_out; k < out.size(); ++k) {
+      if (out[k] != nullptr) registry_->unprepare_block(*out[k]);
+    }
+    out.resize(first_out);
+    throw;
+  }
+  chain = std::move(next);
+}
+
+bool PagedKVCache::allocate_paged(std::string_view id, std::span<const TokenId> prompt,
+                                  std::string_view salt) {
+  constexpr const char* where = "PagedKVCache::allocate_paged";
+  const Tokens prompt_tokens{std::uint64_t{prompt.size()}};
+  const Pages need_plain = pages_to_allocate(where, id, prompt_tokens);  // overflow_error
+  if (requests_.find(id) != requests_.end()) return false;
+
+  const auto ps = static_cast<std::size_t>(page_size_.count());
+  const std::uint64_t layers = config_.num_layers;
+  // Lookup: the longest run of leading full pages cached with this content
+  // and salt, confirmed page by page (parent, token ids, salt), covering at
+  // most prompt - 1 tokens. O(prompt) hashing and comparing.
+  const std::size_t max_hit = prompt.empty() ? 0 : (prompt.size() - 1) / ps;
+  std::vector<PrefixRegistry::Block*> hits;
+  Content chain{std::string(salt), {}, std::nullopt, 0};
+  for (std::size_t i = 0; i < max_hit; ++i) {
+    const auto page = prompt.subspan(i * ps, ps);
+    const std::uint64_t key = registry_->block_key(chain.last_key, salt, page);
+    PrefixRegistry::Block* b = registry_->find_block(key, chain.last_serial, page, salt);
+    if (b == nullptr) break;
+    hits.push_back(b);
+    chain.last_key = key;
+    chain.last_serial = b->serial;
+  }
+  const std::uint64_t matched = hits.size();
+  const std::uint64_t need = need_plain.count() - layers * matched;
+  std::uint64_t hit_cached = 0;  // cached pages the hits will hold: not evictable for this call
+  for (const PrefixRegistry::Block* b : hits) hit_cached += b->cached;
+  if (need > registry_->free_pages().count() + registry_->evictable_except(nullptr) - hit_cached) {
+    return false;  // INV-PAGED-6, INV-REF-4: decided before any change
+  }
+  const Tokens stored = stored_ + tokens_in(Pages{layers}, prompt_tokens);  // overflow_error
+
+  // Everything that can throw, before the first page moves.
+  const std::uint64_t matched_tokens = matched * ps;
+  registry_->reserve_events(prompt.size() / ps - matched);
+  Request r = make_request(prompt_tokens);
+  r.serial = next_serial_;
+  r.cached_tokens = matched_tokens;
+  const auto [it, inserted] = requests_.emplace(std::string(id), std::move(r));
+  KVCACHE_ASSERT(inserted);
+  std::vector<PrefixRegistry::Block*> fresh_blocks;
+  try {
+    fresh_blocks.reserve(prompt.size() / ps - matched);
+    prepare_blocks(chain, matched_tokens, prompt.subspan(matched_tokens), it->second.serial,
+                   fresh_blocks);
+    it->second.content.emplace(std::move(chain));
+  } catch (...) {
+    requests_.erase(it);  // holds no page yet
+    throw;
+  }
+  ++next_serial_;
+
+  // Share the hits first: their cached pages leave the evictable set, so
+  // making room below cannot evict them.
+  Request& req = it->second;
+  for (std::uint64_t l = 0; l < layers; ++l) {
+    PageList& table = req.tables[static_cast<std::size_t>(l)];
+    for (const PrefixRegistry::Block* b : hits) table.share(b->pages[static_cast<std::size_t>(l)]);
+  }
+  registry_->make_room(need, nullptr);
+  const std::uint64_t per_layer = pages_for(prompt_tokens, page_size_).count();
+  for (PageList& table : req.tables) {
+    for (std::uint64_t k = matched; k < per_layer; ++k) table.adopt(take_page());
+  }
+  std::uint64_t duplicates = 0;
+  for (PrefixRegistry::Block* b : fresh_blocks) {
+    if (b == nullptr) {
+      ++duplicates;
+      continue;
+    }
+    const auto index = static_cast<std::size_t>(b->first_token / ps);
+    for (const PageList& table : req.tables) registry_->hold(*b, table[index]);
+    registry_->stored(*b);
+  }
+  PrefixCounters& c = registry_->counters();
+  c.content_prompt_tokens += prompt.size();
+  c.content_hit_tokens += matched_tokens;
+  c.pages_saved += layers * matched;
+  c.tokens_saved += layers * matched_tokens;
+  c.blocks_duplicate += duplicates;
+  stored_ = stored;
+  KVCACHE_AUDIT(check_invariants());
+  return true;
+}
+
+bool PagedKVCache::append_token_ids(std::string_view id, std::span<const TokenId> tokens) {
+  constexpr const char* where = "PagedKVCache::append_token_ids";
+  Request& r = find(where, id);
+  if (!r.content.has_value()) {
+    throw std::logic_error("kvcache: " + std::string(where) + ": request " + quoted(id) +
+                           " was not allocated with token ids (allocate_paged(id, prompt "
+                           "token ids, salt)); append to it with append_token_paged");
+  }
+  if (tokens.empty()) return true;
+  const std::uint64_t ps = page_size_.count();
+  const std::uint64_t t = r.tokens.front();  // every layer holds t tokens
+  const Tokens total = Tokens{t} + Tokens{std::uint64_t{tokens.size()}};  // overflow_error
+  const Pages total_pages = pages_to_allocate(where, id, total);           // overflow_error
+  const std::uint64_t fresh = pages_for(total, page_size_).count() - pages_for(Tokens{t}, page_size_).count();
+  // A partial last page the request cannot write in place is copied first.
+  std::uint64_t copies = 0;
+  if (t % ps != 0) {
+    for (const PageList& table : r.tables) {
+      copies += registry_->writable_by(table.back(), r.serial) ? 0U : 1U;
+    }
+  }
+  static_cast<void>(total_pages);
+  const std::uint64_t need = config_.num_layers * fresh + copies;
+  if (need > registry_->free_pages().count() + registry_->evictable_except(nullptr)) {
+    return false;  // INV-PAGED-6: nothing changed
+  }
+  const Tokens stored = stored_ + tokens_in(Pages{config_.num_layers}, Tokens{std::uint64_t{tokens.size()}});
+  // Everything that can throw, before any change.
+  for (PageList& table : r.tables) table.reserve_more(static_cast<std::size_t>(fresh));
+  registry_->reserve_events(static_cast<std::size_t>((t % ps + tokens.size()) / ps));
+  std::vector<PrefixRegistry::Block*> blocks;
+  Content chain = *r.content;
+  prepare_blocks(chain, t, tokens, r.serial, blocks);
+
+  const auto first_slot = static_cast<std::size_t>(t % ps);
+  const std::size_t end_slot = std::min<std::size_t>(static_cast<std::size_t>(ps), first_slot + tokens.size());
+  for (std::size_t l = 0; l < r.tables.size(); ++l) {
+    PageList& table = r.tables[l];
+    if (first_slot != 0) {
+      const bool ok = make_writable(r, l, table.size() - 1);  // may evict; counted in `need`
+      KVCACHE_ASSERT(ok);
+      if (storage_ == Storage::host) {
+        // The new tokens read as zero until written.
+        const PageId last = table.back();
+        for (std::size_t s = first_slot; s < end_slot && s < written_[last.index()]; ++s) {
+          zero_slot(last, s);
+        }
+      }
+    }
+    for (std::uint64_t k = 0; k < fresh; ++k) {
+      if (registry_->free_pages() == Pages{0}) registry_->evict_lru();
+      table.adopt(take_page());
+    }
+    r.tokens[l] = total.count();
+  }
+  std::uint64_t duplicates = 0;
+  for (PrefixRegistry::Block* b : blocks) {
+    if (b == nullptr) {
+      ++duplicates;
+      continue;
+    }
+    const auto index = static_cast<std::size_t>(b->first_token / ps);
+    for (const PageList& table : r.tables) registry_->hold(*b, table[index]);
+    registry_->stored(*b);
+  }
+  registry_->counters().blocks_duplicate += duplicates;
+  *r.content = std::move(chain);
+  stored_ = stored;
+  KVCACHE_AUDIT(check_invariants());
+  return true;
+}
+
+Tokens PagedKVCache::cached_tokens(std::string_view id) const {
+  return Tokens{find("PagedKVCache::cached_tokens", id).cached_tokens};
+}
+
+bool PagedKVCache::content_addressed(std::string_view id) const {
+  return find("PagedKVCache::content_addressed", id).content.has_value();
+}
+
+void PagedKVCache::refuse_content(const char* where, std::string_view id, const Request& r) const {
+  if (r.content.has_value()) {
+    throw std::logic_error("kvcache: " + std::string(where) + ": request " + quoted(id) +
+                           " was allocated with token ids: append to it with append_token_ids "
+                           "(its layers advance together, and each full page gets its key)");
+  }
 }
 
 bool PagedKVCache::fork(std::string_view parent_id, std::string_view child_id) {
@@ -479,6 +708,8 @@ bool PagedKVCache::fork(std::string_view parent_id, std::string_view child_id) {
   }
   child.tokens = parent.tokens;
   child.serial = next_serial_;
+  child.cached_tokens = parent.cached_tokens;
+  child.content = parent.content;  // the key chain goes on in the child
   const auto [it, inserted] = requests_.emplace(std::string(child_id), std::move(child));
   KVCACHE_ASSERT(inserted);
   ++next_serial_;
@@ -496,6 +727,7 @@ bool PagedKVCache::fork(std::string_view parent_id, std::string_view child_id) {
 bool PagedKVCache::append_one(Request& r, std::size_t layer, std::span<const std::byte> key,
                               std::span<const std::byte> value) {
   const Tokens stored = stored_ + Tokens{1U};  // overflow_error before any change
+  registry_->reserve_events(0);               // an eviction below records an event
   PageList& table = r.tables[layer];
   if (layer_last_page_full(r, layer)) {
     const bool can = registry_->free_pages() > Pages{0} || registry_->cached_pages() > Pages{0};
@@ -528,7 +760,9 @@ bool PagedKVCache::append_token_paged(std::string_view id, std::size_t layer,
   detail::check_layer(where, id, layer, config_.num_layers);
   detail::check_row_bytes(where, id, layer, "key", key.size(), row_bytes_.count());
   detail::check_row_bytes(where, id, layer, "value", value.size(), row_bytes_.count());
-  const bool ok = append_one(find(where, id), layer, key, value);
+  Request& r = find(where, id);
+  refuse_content(where, id, r);
+  const bool ok = append_one(r, layer, key, value);
   KVCACHE_AUDIT(check_invariants());  // once per public call (append_one is per layer)
   return ok;
 }
@@ -546,7 +780,9 @@ bool PagedKVCache::append_token_paged(std::string_view id, std::size_t layer,
 bool PagedKVCache::append_token_paged(std::string_view id, std::size_t layer) {
   constexpr const char* where = "PagedKVCache::append_token_paged";
   detail::check_layer(where, id, layer, config_.num_layers);
-  const bool ok = append_one(find(where, id), layer, {}, {});
+  Request& r = find(where, id);
+  refuse_content(where, id, r);
+  const bool ok = append_one(r, layer, {}, {});
   KVCACHE_AUDIT(check_invariants());
   return ok;
 }
@@ -554,6 +790,7 @@ bool PagedKVCache::append_token_paged(std::string_view id, std::size_t layer) {
 bool PagedKVCache::append_token_all_layers(std::string_view id) {
   constexpr const char* where = "PagedKVCache::append_token_all_layers";
   Request& r = find(where, id);
+  refuse_content(where, id, r);
   if (step_need(r) > registry_->free_pages().count() + registry_->evictable_except(nullptr)) {
     return false;  // INV-PAGED-6: all layers or none
   }
@@ -594,6 +831,7 @@ void PagedKVCache::write_kv(std::string_view id, std::size_t layer, std::size_t 
   }
   const auto ps = static_cast<std::size_t>(page_size_.count());
   const std::size_t index = position / ps;
+  registry_->reserve_events(0);  // a copy may evict a content block
   if (!make_writable(r, layer, index)) {
     throw OutOfPages("kvcache: " + std::string(where) + ": request " + quoted(id) + ", layer " +
                      std::to_string(layer) + ", position " + std::to_string(position) +
@@ -776,6 +1014,16 @@ bool PagedKVCache::check_invariants() const {
       return false;
     }
     if (r.serial == 0 || r.serial >= next_serial_) return false;
+    if (r.content.has_value()) {
+      // INV-PAGED-8: a content request's layers advance together, and its
+      // chain holds exactly the token ids past its last full page.
+      for (const std::uint64_t n : r.tokens) {
+        if (n != r.tokens.front()) return false;
+      }
+      if (r.content->tail.size() != r.tokens.front() % page_size_.count()) return false;
+      if (r.content->last_key.has_value() != (r.tokens.front() >= page_size_.count())) return false;
+    }
+    if (r.cached_tokens > r.tokens.front()) return false;
     for (std::size_t l = 0; l < r.tables.size(); ++l) {
       if (Pages{r.tables[l].size()} != pages_for(Tokens{r.tokens[l]}, page_size_)) {
         return false;  // INV-PAGED-2

@@ -58,6 +58,7 @@ module;
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -123,6 +124,44 @@ class PagedKVCache {
   // false when the pages cannot be had even after evicting cached prefixes.
   [[nodiscard]] bool allocate_paged(std::string_view id, Tokens prompt,
                                     std::string_view prefix_hash, Tokens prefix_tokens);
+
+  // ---- Automatic prefix caching by content (docs/prefix-caching.md) ----
+  using TokenId = kvcache::TokenId;
+
+  // Allocates a request whose prompt's token ids are known. Every full page
+  // of the prompt is keyed by (the previous page's key, its token ids,
+  // `salt`); the longest run of leading full pages already cached, confirmed
+  // by content, is shared (one reference per page in every layer; a cached
+  // page leaves the evictable set in O(1)); the rest is allocated and the
+  // prompt's full pages become findable. At most prompt - 1 tokens are
+  // shared: the engine always computes the last prompt token (its logits).
+  // Requests with different salts never share. All-or-nothing: false,
+  // changing nothing, for a duplicate id, then when the pages cannot be had
+  // even after evicting cached pages (never the ones being shared).
+  [[nodiscard]] bool allocate_paged(std::string_view id, std::span<const TokenId> prompt,
+                                    std::string_view salt = {});
+  // Leading prompt tokens found cached at allocation (their prefill can be
+  // skipped): content hits; for a named prefix hit, the prefix's tokens; 0
+  // otherwise. A fork's child has its parent's. Throws UnknownRequest.
+  [[nodiscard]] Tokens cached_tokens(std::string_view id) const;
+  // Appends `tokens` to every layer of a request allocated with token ids
+  // (zero KV until write_kv), taking pages on demand; each page that becomes
+  // full gets its key and becomes findable. All-or-nothing: false, changing
+  // nothing, when the pages cannot be had. Throws UnknownRequest, then
+  // std::logic_error for a request allocated without token ids.
+  [[nodiscard]] bool append_token_ids(std::string_view id, std::span<const TokenId> tokens);
+  // The KV events (content pages stored / removed, all cleared) since the
+  // last drain, in order. Recorded until drained: drain them every step, or
+  // turn recording off.
+  [[nodiscard]] std::vector<KvEvent> drain_events() noexcept { return registry_->drain_events(); }
+  // Beyond the issue: event recording on (default) or off; true when `id`
+  // was allocated with token ids (or forked from one); the testing hook that
+  // makes every key collide (lookups then rely on the content check alone).
+  void record_events(bool on) noexcept { registry_->record_events(on); }
+  [[nodiscard]] bool content_addressed(std::string_view id) const;
+  void force_key_collisions_for_testing(bool on) noexcept {
+    registry_->force_key_collisions_for_testing(on);
+  }
 
   // The child shares every page of the parent (parallel sampling, beam
   // search); later writes copy on write. Throws UnknownRequest for an unknown
@@ -241,10 +280,19 @@ class PagedKVCache {
   [[nodiscard]] bool check_invariants() const;
 
  private:
+  // A content-addressed request's key chain (allocate_paged with token ids).
+  struct Content {
+    std::string salt;
+    std::vector<TokenId> tail;              // token ids past the last full page
+    std::optional<std::uint64_t> last_key;  // key of the last full page
+    std::uint64_t last_serial = 0;          // block the next full page names as parent
+  };
   struct Request {
     std::vector<PageList> tables;       // per layer, token order; releases on destruction
     std::vector<std::uint64_t> tokens;  // per layer
     std::uint64_t serial = 0;           // unique, never reused (copy-on-write rule)
+    std::uint64_t cached_tokens = 0;    // found cached at allocation
+    std::optional<Content> content;     // set: allocated with token ids
   };
   struct IdHash {
     using is_transparent = void;
@@ -293,6 +341,15 @@ class PagedKVCache {
   [[nodiscard]] bool append_one(Request& r, std::size_t layer, std::span<const std::byte> key,
                                 std::span<const std::byte> value);
   [[nodiscard]] double scan_efficiency() const;
+  void refuse_content(const char* where, std::string_view id, const Request& r) const;
+  // Walks `ids`, the token ids that follow token `from` of a request whose
+  // key chain is `chain`, and prepares a block for each page they fill
+  // (nullptr in `out` where an equal block already exists: it is reused as
+  // the parent, not duplicated). Updates `chain` to the state after `ids`.
+  // Throws std::bad_alloc, undoing every block it prepared and leaving
+  // `chain` as it was.
+  void prepare_blocks(Content& chain, std::uint64_t from, std::span<const TokenId> ids,
+                      std::uint64_t registrant, std::vector<PrefixRegistry::Block*>& out);
 
   // Invariants:
   //   INV-PAGED-1  free + used + cached == total pages (conservation)

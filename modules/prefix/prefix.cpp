@@ -4,7 +4,9 @@ module;
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -13,6 +15,11 @@ module;
 #include <vector>
 
 #include <gsl/narrow>
+
+// XXH3 from Debian's libxxhash-dev, used header-only (inlined into this unit):
+// no link dependency for kvcache's users.
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 
 #include "kvcache/contracts.hpp"
 
@@ -70,14 +77,14 @@ PageId PrefixRegistry::take() noexcept {
 }
 
 void PrefixRegistry::retain(PageId page) noexcept {
-  Prefix* p = owner_[page.index()];
+  Entry* p = owner_[page.index()];
   if (p != nullptr && pool_.ref_count(page) == 1) page_left_cache(*p);  // registry-only until now
   pool_.retain(pool_.handle(page));  // the page is live: its current handle
 }
 
 void PrefixRegistry::release(PageId page) noexcept {
   static_cast<void>(pool_.release(pool_.handle(page)));
-  Prefix* p = owner_[page.index()];
+  Entry* p = owner_[page.index()];
   if (p != nullptr && pool_.ref_count(page) == 1) page_became_cached(*p);
 }
 
@@ -88,7 +95,7 @@ std::uint32_t PrefixRegistry::request_holders(PageId page) const noexcept {
 
 bool PrefixRegistry::writable_by(PageId page, std::uint64_t serial) const noexcept {
   if (request_holders(page) != 1) return false;
-  const Prefix* p = owner_[page.index()];
+  const Entry* p = owner_[page.index()];
   return p == nullptr || p->registrant == serial;
 }
 
@@ -126,7 +133,7 @@ void PrefixRegistry::unprepare(Prefix& p) noexcept {
   prefixes_.erase(it);
 }
 
-void PrefixRegistry::hold(Prefix& p, PageId page) noexcept {
+void PrefixRegistry::hold(Entry& p, PageId page) noexcept {
   KVCACHE_EXPECTS(owner_[page.index()] == nullptr && p.pages.size() < p.pages.capacity());
   pool_.retain(pool_.handle(page));
   owner_[page.index()] = &p;
@@ -135,14 +142,14 @@ void PrefixRegistry::hold(Prefix& p, PageId page) noexcept {
   KVCACHE_ASSERT(pool_.ref_count(page) >= 2);
 }
 
-void PrefixRegistry::touch(Prefix& p) noexcept {
+void PrefixRegistry::touch(Entry& p) noexcept {
   if (p.on_lru) {
     lru_unlink(p);
     lru_push_back(p);
   }
 }
 
-void PrefixRegistry::lru_unlink(Prefix& p) noexcept {
+void PrefixRegistry::lru_unlink(Entry& p) noexcept {
   KVCACHE_EXPECTS(p.on_lru);
   (p.lru_prev == nullptr ? lru_head_ : p.lru_prev->lru_next) = p.lru_next;
   (p.lru_next == nullptr ? lru_tail_ : p.lru_next->lru_prev) = p.lru_prev;
@@ -150,7 +157,7 @@ void PrefixRegistry::lru_unlink(Prefix& p) noexcept {
   p.on_lru = false;
 }
 
-void PrefixRegistry::lru_push_back(Prefix& p) noexcept {
+void PrefixRegistry::lru_push_back(Entry& p) noexcept {
   KVCACHE_EXPECTS(!p.on_lru);
   p.lru_prev = lru_tail_;
   p.lru_next = nullptr;
@@ -159,7 +166,7 @@ void PrefixRegistry::lru_push_back(Prefix& p) noexcept {
   p.on_lru = true;
 }
 
-void PrefixRegistry::page_became_cached(Prefix& p) noexcept {
+void PrefixRegistry::page_became_cached(Entry& p) noexcept {
   ++cached_;
   ++p.cached;
   // Newly idle pages make the prefix the most recently touched one.
@@ -167,13 +174,107 @@ void PrefixRegistry::page_became_cached(Prefix& p) noexcept {
   lru_push_back(p);
 }
 
-void PrefixRegistry::page_left_cache(Prefix& p) noexcept {
+void PrefixRegistry::page_left_cache(Entry& p) noexcept {
   KVCACHE_EXPECTS(cached_ > 0 && p.cached > 0);
   --cached_;
   if (--p.cached == 0) lru_unlink(p);
 }
 
-void PrefixRegistry::evict(Prefix& p) noexcept {
+// ---- PrefixRegistry: content blocks and events ------------------------------
+
+std::uint64_t PrefixRegistry::block_key(std::optional<std::uint64_t> parent, std::string_view salt,
+                                        std::span<const TokenId> tokens) const noexcept {
+  if (collide_keys_) return 0x6b76636163686521ULL;  // testing: every key the same
+  // seed = H(parent present, parent key, salt); key = H_seed(token ids). The
+  // salt goes through its own hash so that no salt can mimic a parent.
+  std::uint64_t head[3] = {parent.has_value() ? 1U : 0U, parent.value_or(0),  // NOLINT(cppcoreguidelines-avoid-c-arrays): hashed as bytes
+                           XXH3_64bits(salt.data(), salt.size())};
+  const XXH64_hash_t seed = XXH3_64bits(static_cast<const void*>(head), sizeof head);
+  return XXH3_64bits_withSeed(tokens.data(), tokens.size_bytes(), seed);
+}
+
+PrefixRegistry::Block* PrefixRegistry::find_block(std::uint64_t key, std::uint64_t parent_serial,
+                                                  std::span<const TokenId> tokens,
+                                                  std::string_view salt) noexcept {
+  auto [it, end] = blocks_.equal_range(key);
+  for (; it != end; ++it) {
+    Block& b = *it->second;
+    // Confirmed by content, never by the key alone.
+    if (b.parent_serial == parent_serial && b.salt == salt &&
+        std::equal(b.tokens.begin(), b.tokens.end(), tokens.begin(), tokens.end())) {
+      return &b;
+    }
+  }
+  return nullptr;
+}
+
+PrefixRegistry::Block& PrefixRegistry::prepare_block(std::uint64_t key,
+                                                     std::optional<std::uint64_t> parent_key,
+                                                     std::uint64_t parent_serial,
+                                                     std::uint64_t first_token,
+                                                     std::span<const TokenId> tokens,
+                                                     std::string_view salt, std::size_t layers,
+                                                     std::uint64_t registrant) {
+  auto b = std::make_unique<Block>();
+  b->key = key;
+  b->parent_key = parent_key;
+  b->parent_serial = parent_serial;
+  b->first_token = first_token;
+  b->tokens.assign(tokens.begin(), tokens.end());
+  b->salt = std::string(salt);
+  b->pages.reserve(layers);
+  b->registrant = registrant;
+  b->serial = next_block_serial_;
+  if (record_events_) {
+    // Built now, where allocating may throw; recorded by stored() (noexcept).
+    KvEvent& e = b->pending_event.emplace();
+    e.kind = KvEventKind::stored;
+    e.key = key;
+    e.parent_key = parent_key;
+    e.first_token = first_token;
+    e.token_ids = b->tokens;
+    e.salt = b->salt;
+  }
+  Block& ref = *b;
+  blocks_.emplace(key, std::move(b));  // may throw: nothing else changed
+  ++next_block_serial_;
+  return ref;
+}
+
+void PrefixRegistry::unprepare_block(Block& b) noexcept {
+  KVCACHE_EXPECTS(b.pages.empty() && !b.on_lru);
+  auto [it, end] = blocks_.equal_range(b.key);
+  while (it != end && it->second.get() != &b) ++it;
+  KVCACHE_ASSERT(it != end);
+  blocks_.erase(it);
+}
+
+void PrefixRegistry::reserve_events(std::size_t stored) {
+  if (!record_events_) return;
+  const std::size_t want = events_.size() + stored + blocks_.size() + 1;
+  // Geometric, so that a call per operation stays O(1) amortised.
+  if (want > events_.capacity()) events_.reserve(std::max(want, 2 * events_.capacity()));
+}
+
+void PrefixRegistry::record(KvEvent e) noexcept {
+  if (!record_events_) return;
+  KVCACHE_EXPECTS(events_.size() < events_.capacity());  // reserved by the caller
+  e.seq = next_event_seq_++;
+  events_.push_back(std::move(e));  // no reallocation
+}
+
+void PrefixRegistry::stored(Block& b) noexcept {
+  KVCACHE_EXPECTS(!b.pages.empty());
+  ++counters_.blocks_stored;
+  if (b.pending_event.has_value()) {
+    record(std::move(*b.pending_event));
+    b.pending_event.reset();
+  }
+}
+
+// ---- PrefixRegistry: eviction -----------------------------------------------
+
+void PrefixRegistry::evict(Entry& p, KvRemovalReason why) noexcept {
   if (p.on_lru) lru_unlink(p);
   std::uint64_t freed = 0;
   // Last pages first, like a request's free.
@@ -184,10 +285,25 @@ void PrefixRegistry::evict(Prefix& p) noexcept {
   KVCACHE_ASSERT(freed == p.cached);
   cached_ -= p.cached;
   counters_.pages_evicted += freed;
-  ++counters_.prefixes_evicted;
-  const auto it = prefixes_.find(p.hash);
-  KVCACHE_ASSERT(it != prefixes_.end());
-  prefixes_.erase(it);  // destroys p
+  if (p.kind == Entry::Kind::prefix) {
+    auto& prefix = static_cast<Prefix&>(p);
+    ++counters_.prefixes_evicted;
+    const auto it = prefixes_.find(prefix.hash);
+    KVCACHE_ASSERT(it != prefixes_.end());
+    prefixes_.erase(it);  // destroys p
+    return;
+  }
+  auto& block = static_cast<Block&>(p);
+  ++counters_.blocks_evicted;
+  KvEvent e;
+  e.kind = KvEventKind::removed;
+  e.key = block.key;
+  e.reason = why;
+  record(std::move(e));
+  auto [it, end] = blocks_.equal_range(block.key);
+  while (it != end && it->second.get() != &block) ++it;
+  KVCACHE_ASSERT(it != end);
+  blocks_.erase(it);  // destroys p
 }
 
 void PrefixRegistry::evict_lru() noexcept {
@@ -195,23 +311,31 @@ void PrefixRegistry::evict_lru() noexcept {
   evict(*lru_head_);
 }
 
-void PrefixRegistry::make_room(std::uint64_t n, const Prefix* keep) noexcept {
+void PrefixRegistry::make_room(std::uint64_t n, const Entry* keep) noexcept {
   KVCACHE_EXPECTS(pool_.free_pages().count() + evictable_except(keep) >= n);
-  Prefix* p = lru_head_;
+  Entry* p = lru_head_;
   while (pool_.free_pages().count() < n) {
     KVCACHE_ASSERT(p != nullptr);
-    Prefix* next = p->lru_next;
+    Entry* next = p->lru_next;
     if (p != keep) evict(*p);  // INV-REF-5: skip the prefix being reused
     p = next;
   }
 }
 
-std::size_t PrefixRegistry::clear() noexcept {
+std::size_t PrefixRegistry::clear() {
+  reserve_events(0);  // one removed per block and the all_cleared: may throw, nothing changed
   std::size_t n = 0;
   while (!prefixes_.empty()) {
-    evict(*prefixes_.begin()->second);
+    evict(*prefixes_.begin()->second, KvRemovalReason::cleared);
     ++n;
   }
+  while (!blocks_.empty()) {
+    evict(*blocks_.begin()->second, KvRemovalReason::cleared);
+    ++n;
+  }
+  KvEvent e;
+  e.kind = KvEventKind::all_cleared;
+  record(std::move(e));
   return n;
 }
 
@@ -228,15 +352,13 @@ bool PrefixRegistry::check_invariants(std::span<const std::uint64_t> request_hol
     refs += request_holders[i];
   }
   if (cached != cached_ || refs != request_refs_) return false;  // INV-REF-2
-  std::unordered_map<const Prefix*, std::uint64_t> owned;
-  for (const Prefix* o : owner_) {
+  std::unordered_map<const Entry*, std::uint64_t> owned;
+  for (const Entry* o : owner_) {
     if (o != nullptr) ++owned[o];
   }
   std::uint64_t sum_cached = 0;
   std::size_t on_lru = 0;
-  for (const auto& [hash, entry] : prefixes_) {
-    const Prefix& p = *entry;
-    if (p.hash != hash) return false;
+  const auto entry_ok = [&](const Entry& p) {
     std::uint64_t c = 0;
     for (const PageId page : p.pages) {
       if (owner_[page.index()] != &p) return false;  // INV-REF-3
@@ -247,13 +369,34 @@ bool PrefixRegistry::check_invariants(std::span<const std::uint64_t> request_hol
     if (p.on_lru != (p.cached > 0)) return false;
     on_lru += p.on_lru ? 1 : 0;
     sum_cached += c;
+    return true;
+  };
+  for (const auto& [hash, entry] : prefixes_) {
+    if (entry->kind != Entry::Kind::prefix || entry->hash != hash || !entry_ok(*entry)) return false;
+  }
+  std::size_t layers = 0;
+  for (const auto& [key, entry] : blocks_) {
+    const Block& b = *entry;
+    // INV-CONT-1: one page per layer (every block has the same count),
+    // findable under its key, parents older than children.
+    if (b.kind != Entry::Kind::block || b.key != key || b.pages.empty()) return false;
+    if (layers == 0) layers = b.pages.size();
+    if (b.pages.size() != layers || b.parent_serial >= b.serial) return false;
+    if (b.parent_key.has_value() != (b.parent_serial != 0)) return false;
+    if (!entry_ok(b)) return false;
   }
   if (sum_cached != cached_) return false;
-  // The LRU list holds exactly the prefixes flagged on it, linked both ways.
+  // INV-CONT-2: consecutive sequence numbers, ending just before the next.
+  for (std::size_t i = 0; i < events_.size(); ++i) {
+    if (events_[i].seq != next_event_seq_ - events_.size() + i) return false;
+  }
+  // The LRU list holds exactly the entries flagged on it, linked both ways.
   std::size_t walked = 0;
-  const Prefix* prev = nullptr;
-  for (const Prefix* p = lru_head_; p != nullptr; p = p->lru_next) {
-    if (!p->on_lru || p->lru_prev != prev || ++walked > prefixes_.size()) return false;
+  const Entry* prev = nullptr;
+  for (const Entry* p = lru_head_; p != nullptr; p = p->lru_next) {
+    if (!p->on_lru || p->lru_prev != prev || ++walked > prefixes_.size() + blocks_.size()) {
+      return false;
+    }
     prev = p;
   }
   if (prev != lru_tail_ || walked != on_lru) return false;
