@@ -6,11 +6,16 @@
 // (PagedKVCache). Prints how many are admitted and how much of the memory
 // they hold is real token KV.
 #include <cstdio>
+#include <exception>
+#include <iomanip>
+#include <iostream>
 #include <string>
 
 import kvcache;
 
-int main() {
+namespace {
+
+int run() {
   using namespace kvcache;
   const ModelConfig cfg{32, 8, 128, 2};  // Llama-3.1-8B: 128 KiB per token
   const Bytes budget{2ULL << 30};        // 2 GiB: 16,384 tokens
@@ -37,18 +42,32 @@ int main() {
   const PagedStats p = paged.stats();
   const double tokens_basic = static_cast<double>(admitted_basic) *
                               static_cast<double>((prompt + generate).count());
-  std::printf("budget %llu MiB, %d requests of %llu + %llu tokens\n",
-              static_cast<unsigned long long>(budget.count() >> 20), 12,
-              static_cast<unsigned long long>(prompt.count()),
-              static_cast<unsigned long long>(generate.count()));
-  std::printf("basic (reserve %llu): %d admitted, %.1f%% of the reserved memory is token KV\n",
-              static_cast<unsigned long long>(max_seq.count()), admitted_basic,
-              100.0 * tokens_basic * static_cast<double>(cfg.bytes_per_token().count()) /
-                  static_cast<double>(b.used_memory.count()));
-  std::printf("paged (16-token pages): %d admitted, memory efficiency %.1f%%, %llu of %llu pages used\n",
-              admitted_paged, 100.0 * paged.memory_efficiency(),
-              static_cast<unsigned long long>(p.used_pages.count()),
-              static_cast<unsigned long long>(p.total_pages.count()));
+  std::cout << std::fixed << std::setprecision(1);  // the percentages
+  std::cout << "budget " << (budget.count() >> 20) << " MiB, " << 12 << " requests of "
+            << prompt.count() << " + " << generate.count() << " tokens\n";
+  std::cout << "basic (reserve " << max_seq.count() << "): " << admitted_basic << " admitted, "
+            << 100.0 * tokens_basic * static_cast<double>(cfg.bytes_per_token().count()) /
+                   static_cast<double>(b.used_memory.count())
+            << "% of the reserved memory is token KV\n";
+  std::cout << "paged (16-token pages): " << admitted_paged << " admitted, memory efficiency "
+            << 100.0 * paged.memory_efficiency() << "%, " << p.used_pages.count() << " of "
+            << p.total_pages.count() << " pages used\n";
   // 2 GiB / 256 MiB per reservation = 8; paged fits all 12 (320 tokens each).
   return admitted_basic == 8 && admitted_paged == 12 && paged.check_invariants() ? 0 : 1;
+}
+
+}  // namespace
+
+int main() {
+  try {
+    return run();
+  } catch (const std::exception& e) {
+    std::fputs("basic_vs_paged: ", stderr);
+    std::fputs(e.what(), stderr);
+    std::fputs("\n", stderr);
+    return 1;
+  } catch (...) {
+    std::fputs("basic_vs_paged: unknown exception\n", stderr);
+    return 1;
+  }
 }

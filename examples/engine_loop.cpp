@@ -4,8 +4,8 @@
 // when a decode step cannot get a page (it is re-queued and recomputed, as
 // vLLM does). A request that can never fit is rejected, not queued forever.
 #include <cstdint>
-#include <cstdio>
 #include <deque>
+#include <iostream>
 #include <string>
 #include <vector>
 
@@ -67,10 +67,9 @@ int main() {
       // Retry the same request (unless it was the victim).
     }
   }
-  std::printf("finished %d, preempted %d, rejected %d, pages free %llu of %llu\n", finished,
-              preempted, rejected,
-              static_cast<unsigned long long>(cache.stats().free_pages.count()),
-              static_cast<unsigned long long>(cache.stats().total_pages.count()));
+  std::cout << "finished " << finished << ", preempted " << preempted << ", rejected " << rejected
+            << ", pages free " << cache.stats().free_pages.count() << " of "
+            << cache.stats().total_pages.count() << "\n";
   return finished == 24 && rejected == 1 && cache.stats().free_pages == Pages{64} &&
                  cache.check_invariants()
              ? 0

@@ -5,11 +5,15 @@
 // what sharing saved; then frees everything and shows that the prefix stays
 // cached for the next request.
 #include <cstdio>
+#include <exception>
+#include <iostream>
 #include <string>
 
 import kvcache;
 
-int main() {
+namespace {
+
+int run() {
   using namespace kvcache;
   const ModelConfig cfg{32, 8, 128, 2};
   const Bytes budget{4ULL << 30};
@@ -26,22 +30,35 @@ int main() {
   }
   const PagedStats a = plain.stats();
   const PagedStats b = shared.stats();
-  std::printf("without sharing: %llu pages; with sharing: %llu pages (%llu saved, %llu hits)\n",
-              static_cast<unsigned long long>(a.used_pages.count()),
-              static_cast<unsigned long long>(b.used_pages.count()),
-              static_cast<unsigned long long>(b.prefix.pages_saved),
-              static_cast<unsigned long long>(b.prefix_hits));
+  std::cout << "without sharing: " << a.used_pages.count() << " pages; with sharing: "
+            << b.used_pages.count() << " pages (" << b.prefix.pages_saved << " saved, "
+            << b.prefix_hits << " hits)\n";
   for (int i = 0; i < 20; ++i) shared.free("user" + std::to_string(i));
-  std::printf("all freed: %llu pages stay cached for the prefix\n",
-              static_cast<unsigned long long>(shared.stats().cached_pages.count()));
+  std::cout << "all freed: " << shared.stats().cached_pages.count()
+            << " pages stay cached for the prefix\n";
   if (!shared.allocate_paged("late", prompt, "system-prompt-v1", system)) return 1;
-  std::printf("a later request reuses them: hits = %llu, cached = %llu\n",
-              static_cast<unsigned long long>(shared.stats().prefix_hits),
-              static_cast<unsigned long long>(shared.stats().cached_pages.count()));
+  std::cout << "a later request reuses them: hits = " << shared.stats().prefix_hits
+            << ", cached = " << shared.stats().cached_pages.count() << "\n";
   // 32 layers * 35 pages = 1,120 per request alone; the 32 prefix pages per
   // layer are stored once: 1,120 + 19 * 3 * 32 = 2,944 instead of 22,400.
   return a.used_pages == Pages{22400} && b.used_pages == Pages{2944} &&
                  shared.check_invariants()
              ? 0
              : 1;
+}
+
+}  // namespace
+
+int main() {
+  try {
+    return run();
+  } catch (const std::exception& e) {
+    std::fputs("prefix_sharing: ", stderr);
+    std::fputs(e.what(), stderr);
+    std::fputs("\n", stderr);
+    return 1;
+  } catch (...) {
+    std::fputs("prefix_sharing: unknown exception\n", stderr);
+    return 1;
+  }
 }

@@ -38,6 +38,7 @@
 #include <rapidcheck/state.h>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstddef>
@@ -101,7 +102,9 @@ struct CacheModel {
   [[nodiscard]] std::uint64_t floats() const {
     return std::uint64_t{cfg.num_kv_heads} * cfg.head_dim;
   }
-  [[nodiscard]] std::uint64_t bytes_per_token() const { return cfg.num_layers * 2 * row(); }
+  [[nodiscard]] std::uint64_t bytes_per_token() const {
+    return std::uint64_t{cfg.num_layers} * 2 * row();
+  }
   [[nodiscard]] std::uint64_t used() const {
     std::uint64_t sum = 0;
     for (const auto& [id, r] : requests) sum += r.capacity * bytes_per_token();
@@ -159,8 +162,6 @@ struct CacheSut {
   BasicKVCache cache;
   kvcache_state::Tally& tally;
 };
-
-kvcache_state::Tally g_tally;  // commands run, over all test cases
 
 std::span<const std::byte> as_span(const Row& r) { return std::as_bytes(std::span(r)); }
 Row to_row(std::span<const std::byte> s) {
@@ -523,10 +524,10 @@ struct LayerOutOfRange final : CacheCommand {
     RC_FAIL("no exception");
   }
   void show(std::ostream& os) const override {
-    static constexpr const char* names[] = {"append_token(bytes)", "append_token(floats)", "get_kv",
-                                            "tokens"};
-    os << names[static_cast<int>(op)] << "(" << quoted(id) << ", layer " << layer << ", rows of "
-       << len << ") -> out_of_range";
+    static constexpr std::array<const char*, 4> names = {
+        "append_token(bytes)", "append_token(floats)", "get_kv", "tokens"};
+    os << names.at(static_cast<std::size_t>(op)) << "(" << quoted(id) << ", layer " << layer
+       << ", rows of " << len << ") -> out_of_range";
   }
 };
 
@@ -572,10 +573,10 @@ struct UnknownId final : CacheCommand {
     }
   }
   void show(std::ostream& os) const override {
-    static constexpr const char* names[] = {
+    static constexpr std::array<const char*, 6> names = {
         "append_token(bytes)", "append_token(floats)", "get_kv", "tokens", "reservation", "free"};
-    os << names[static_cast<int>(op)] << "(" << quoted(id) << " (unknown), layer " << layer
-       << ") -> UnknownRequest";
+    os << names.at(static_cast<std::size_t>(op)) << "(" << quoted(id) << " (unknown), layer "
+       << layer << ") -> UnknownRequest";
   }
 };
 
@@ -640,18 +641,20 @@ using Commands = kvcache_state::CommandList<
     AllocateOverflow, Append, Append, Append, Append, Append, AppendPastReservation,
     AppendWrongShape, AppendFloatWrongDtype, LayerOutOfRange, UnknownId, GetKv, Free, Free, Stats>;
 
-void cache_property() {
+void cache_property(kvcache_state::Tally& tally) {
   const ModelConfig cfg = *rc::gen::elementOf(kConfigs);
   const std::uint64_t bpt = cfg.bytes_per_token().count();
   const auto budget = *rc::gen::inRange<std::uint64_t>(0, 24 * bpt + 1);
   const CacheModel initial{cfg, budget, {}};
-  CacheSut sut(cfg, budget, g_tally);
+  CacheSut sut(cfg, budget, tally);
   rc::state::check(initial, sut, Commands::generator());
 }
 
 TEST(BasicKVCacheState, MatchesModel) {
-  kvcache_state::drive("BasicKVCacheState/MatchesModel", cache_property, g_tally,
-                       kvcache_state::command_target(), Commands::kinds);
+  kvcache_state::Tally tally;  // commands run, over all test cases
+  kvcache_state::drive(
+      "BasicKVCacheState/MatchesModel", [&tally] { cache_property(tally); }, tally,
+      kvcache_state::command_target(), Commands::kinds);
 }
 
 }  // namespace

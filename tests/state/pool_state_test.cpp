@@ -29,6 +29,7 @@
 #include <rapidcheck/state.h>
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -90,8 +91,6 @@ struct PoolSut {
   kvcache_state::Tally& tally;
 };
 
-kvcache_state::Tally g_tally;  // commands run, over all test cases
-
 // A handle as RapidCheck can show it in a failed RC_ASSERT: {index, generation}.
 std::pair<std::uint32_t, std::uint32_t> key(const PageHandle& h) {
   return {h.id.index(), h.generation};
@@ -152,7 +151,7 @@ struct AllocateOne final : PoolCommand {
   void apply(PoolModel& m) const override { m.take(m.free.front()); }
   void exec(const PoolModel& s0, PagePool& pool) const override {
     const std::optional<PageHandle> h = pool.allocate();
-    RC_ASSERT(h.has_value());
+    if (!h) RC_FAIL("allocate() returned no page with pages free");
     RC_ASSERT(key(*h) == key(s0.handle(s0.free.front())));  // the head, with its generation
   }
   void show(std::ostream& os) const override { os << "allocate() -> head of the free list"; }
@@ -248,10 +247,9 @@ struct Release final : PoolCommand {
 struct StaleHandle final : PoolCommand {
   bool release = *rc::gen::arbitrary<bool>();
   std::uint32_t page;
-  std::uint32_t generation;
+  std::uint32_t generation = 0;
   explicit StaleHandle(const PoolModel& m)
-      : page(*rc::gen::inRange<std::uint32_t>(0, std::max<std::uint32_t>(m.capacity, 1))),
-        generation(0) {
+      : page(*rc::gen::inRange<std::uint32_t>(0, std::max<std::uint32_t>(m.capacity, 1))) {
     RC_PRE(page < m.capacity);
     std::vector<std::uint32_t> stale{m.generation[page] + 1};
     if (m.generation[page] != 0) stale.push_back(m.generation[page] - 1);
@@ -361,9 +359,10 @@ struct OutOfRange final : PoolCommand {
     }
   }
   void show(std::ostream& os) const override {
-    static constexpr const char* names[] = {"take",   "ref_count", "is_free",
-                                            "handle", "retain",    "release"};
-    os << names[static_cast<int>(op)] << "(page " << id << ", outside the pool) -> out_of_range";
+    static constexpr std::array<const char*, 6> names = {"take",   "ref_count", "is_free",
+                                                         "handle", "retain",    "release"};
+    os << names.at(static_cast<std::size_t>(op)) << "(page " << id
+       << ", outside the pool) -> out_of_range";
   }
 };
 
@@ -373,16 +372,18 @@ using Commands = kvcache_state::CommandList<AllocateOne, AllocateOne, AllocateOn
                                             Retain, Release, Release, Release, StaleHandle,
                                             TakeFree, TakeFree, TakeLive, HandleOfFree, OutOfRange>;
 
-void pool_property() {
+void pool_property(kvcache_state::Tally& tally) {
   const auto capacity = *rc::gen::inRange<std::uint32_t>(0, kMaxCapacity + 1);
   const PoolModel initial(capacity);
-  PoolSut sut(capacity, g_tally);
+  PoolSut sut(capacity, tally);
   rc::state::check(initial, sut, Commands::generator());
 }
 
 TEST(PagePoolState, MatchesModel) {
-  kvcache_state::drive("PagePoolState/MatchesModel", pool_property, g_tally,
-                       kvcache_state::command_target(), Commands::kinds);
+  kvcache_state::Tally tally;  // commands run, over all test cases
+  kvcache_state::drive(
+      "PagePoolState/MatchesModel", [&tally] { pool_property(tally); }, tally,
+      kvcache_state::command_target(), Commands::kinds);
 }
 
 }  // namespace

@@ -118,14 +118,15 @@ TEST(Module, Storage) {
 
 TEST(Module, PagePool) {
   kvcache::PagePool pool(kvcache::Pages{2});
-  const std::optional<kvcache::PageHandle> h = pool.allocate();
-  ASSERT_TRUE(h.has_value());
-  EXPECT_EQ(h->id, kvcache::PageId{0});
-  EXPECT_EQ(pool.handle(h->id), *h);
-  pool.retain(*h);
-  EXPECT_EQ(pool.ref_count(h->id), 2U);
-  EXPECT_FALSE(pool.release(*h));
-  EXPECT_TRUE(pool.release(*h));
+  const std::optional<kvcache::PageHandle> got = pool.allocate();
+  if (!got) FAIL() << "allocate() on a fresh pool returned no page";
+  const kvcache::PageHandle h = *got;
+  EXPECT_EQ(h.id, kvcache::PageId{0});
+  EXPECT_EQ(pool.handle(h.id), h);
+  pool.retain(h);
+  EXPECT_EQ(pool.ref_count(h.id), 2U);
+  EXPECT_FALSE(pool.release(h));
+  EXPECT_TRUE(pool.release(h));
   const kvcache::PageHandle taken = pool.take(kvcache::PageId{1});
   EXPECT_TRUE(pool.is_live(taken));
   std::vector<kvcache::PageHandle> out;

@@ -229,7 +229,7 @@ TEST(LazyBufferTest, DiscardZeroesExactlyTheRangeInsideOnePage) {
 }
 
 TEST(LazyBufferTest, DiscardZeroesExactlyARangeSpanningPages) {
-  const std::size_t size = 16 * 4096;
+  const std::size_t size = std::size_t{16} * 4096;
   LazyBuffer buf(size);
   std::memset(buf.data(), 0xCD, size);
   // Partial page at both ends, whole pages in the middle.
@@ -247,7 +247,7 @@ TEST(LazyBufferTest, DiscardZeroesExactlyARangeSpanningPages) {
 }
 
 TEST(LazyBufferTest, DiscardAtTheBoundaries) {
-  LazyBuffer buf(4096 * 2);
+  LazyBuffer buf(std::size_t{4096} * 2);
   std::memset(buf.data(), 0x11, buf.size());
   buf.discard(buf.size(), 0);  // empty range at the end
   buf.discard(0, 0);

@@ -390,10 +390,11 @@ Options parse_args(std::span<const std::string_view> args) {
       throw UsageError("unknown model " + in_quotes(*raw.model) + "; built-in models: " +
                        preset_names() + " (or give --layers, --kv-heads and --head-dim)");
     }
-    const std::pair<std::string_view, bool> dims[] = {{"--layers", raw.layers.has_value()},
-                                                      {"--kv-heads", raw.kv_heads.has_value()},
-                                                      {"--head-dim", raw.head_dim.has_value()},
-                                                      {"--q-heads", raw.q_heads.has_value()}};
+    const auto dims = std::to_array<std::pair<std::string_view, bool>>(
+        {{"--layers", raw.layers.has_value()},
+         {"--kv-heads", raw.kv_heads.has_value()},
+         {"--head-dim", raw.head_dim.has_value()},
+         {"--q-heads", raw.q_heads.has_value()}});
     for (const auto& [dim, given] : dims) {
       if (given) {
         throw UsageError(std::string(dim) +
@@ -410,19 +411,21 @@ Options parse_args(std::span<const std::string_view> args) {
           "no model given: use --model NAME (see --list-models) or --layers, --kv-heads and "
           "--head-dim (try --help)");
     }
-    const std::pair<std::string_view, bool> dims[] = {{"--layers", raw.layers.has_value()},
-                                                      {"--kv-heads", raw.kv_heads.has_value()},
-                                                      {"--head-dim", raw.head_dim.has_value()}};
-    for (const auto& [dim, given] : dims) {
-      if (!given) {
+    // Every dimension must be there before any is parsed: the first missing
+    // one is the error.
+    const auto required = [](const std::optional<std::string_view>& text, std::string_view dim) {
+      if (!text) {
         throw UsageError("missing " + std::string(dim) +
                          " (a custom model needs --layers, --kv-heads and --head-dim)");
       }
-    }
+      return *text;
+    };
+    const std::string_view layers = required(raw.layers, "--layers");
+    const std::string_view kv_heads = required(raw.kv_heads, "--kv-heads");
+    const std::string_view head_dim = required(raw.head_dim, "--head-dim");
     o.model_name = "custom";
-    o.config = ModelConfig{parse_u32("--layers", *raw.layers),
-                           parse_u32("--kv-heads", *raw.kv_heads),
-                           parse_u32("--head-dim", *raw.head_dim), 2};
+    o.config = ModelConfig{parse_u32("--layers", layers), parse_u32("--kv-heads", kv_heads),
+                           parse_u32("--head-dim", head_dim), 2};
     if (raw.q_heads) o.q_heads = parse_u32("--q-heads", *raw.q_heads);
   }
 

@@ -20,6 +20,7 @@ module;
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -134,7 +135,13 @@ class JsonWriter {
   JsonWriter& null() { return scalar("null"); }
 
   template <class T>
+    requires(!std::is_array_v<T>)
   JsonWriter& field(std::string_view k, const T& v) {
+    key(k);
+    return value(v);
+  }
+  // A string literal, taken as a string_view rather than decayed to a pointer.
+  JsonWriter& field(std::string_view k, std::string_view v) {
     key(k);
     return value(v);
   }
@@ -408,13 +415,13 @@ Options parse_args(std::span<const std::string_view> args) {
 
     // The workload: a trace, or the embedded generator's knobs.
     if (raw.trace) {
-      const std::pair<std::string_view, bool> knobs[] = {
-          {"--workload", raw.workload.has_value()},
-          {"--requests", raw.requests.has_value()},
-          {"--rate", raw.rate.has_value()},
-          {"--seed", raw.seed.has_value()},
-          {"--system-prompt-share", raw.sys_share.has_value()},
-          {"--system-prompt-tokens", raw.sys_tokens.has_value()}};
+      const auto knobs = std::to_array<std::pair<std::string_view, bool>>(
+          {{"--workload", raw.workload.has_value()},
+           {"--requests", raw.requests.has_value()},
+           {"--rate", raw.rate.has_value()},
+           {"--seed", raw.seed.has_value()},
+           {"--system-prompt-share", raw.sys_share.has_value()},
+           {"--system-prompt-tokens", raw.sys_tokens.has_value()}});
       for (const auto& [knob, given] : knobs) {
         if (given) {
           throw UsageError(std::string(knob) +
@@ -615,8 +622,9 @@ std::string render_text(const Report& r) {
   row("internal fragmentation",
       [&](const ModeResult& m) { return pct(m.internal_fragmentation); });
   row("page-table entries, mean", [&](const ModeResult& m) {
-    return is_paged(m.mode) ? count(static_cast<std::uint64_t>(m.mean_page_table_entries + 0.5))
-                            : dash;
+    return is_paged(m.mode)
+               ? count(static_cast<std::uint64_t>(std::llround(m.mean_page_table_entries)))
+               : dash;
   });
   row("prefix hit rate", [&](const ModeResult& m) {
     return m.mode == Mode::paged_prefix ? pct(m.prefix_hit_rate) : dash;
@@ -644,7 +652,8 @@ std::string render_text(const Report& r) {
          << std::setw(15) << mode_label(m.mode) << std::right << std::setw(10)
          << count(m.finished) << std::setw(16) << pct(m.mean_kv_share) << std::setw(12)
          << pct(m.internal_fragmentation) << std::setw(20)
-         << count(static_cast<std::uint64_t>(m.mean_page_table_entries + 0.5)) << std::setw(13)
+         << count(static_cast<std::uint64_t>(std::llround(m.mean_page_table_entries)))
+         << std::setw(13)
          << count(m.preemptions) << '\n';
     }
     os << "(page-table entries: mean over steps of the block-table entries of running "

@@ -89,6 +89,7 @@
 // Thread safety: free functions over values; no shared state.
 module;
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -256,8 +257,8 @@ enum class TraceFormat : std::uint8_t { csv, jsonl };
 // ---- Simulation ------------------------------------------------------------
 
 enum class Mode : std::uint8_t { basic_max, basic_oracle, paged, paged_prefix };
-inline constexpr Mode kModes[] = {Mode::basic_max, Mode::basic_oracle, Mode::paged,
-                                  Mode::paged_prefix};
+inline constexpr std::array kModes{Mode::basic_max, Mode::basic_oracle, Mode::paged,
+                                   Mode::paged_prefix};
 
 [[nodiscard]] std::string_view mode_label(Mode mode) noexcept;  // "basic, max", ...
 [[nodiscard]] std::string_view mode_key(Mode mode) noexcept;    // "basic_max", ...

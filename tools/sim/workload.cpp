@@ -324,8 +324,9 @@ std::string_view trim(std::string_view s) {
 }
 
 // Calls f(line_number, line) for every line that is not blank or a comment.
+// f is called once per line, so it is taken by const reference, not forwarded.
 template <class F>
-void for_each_line(std::string_view text, F&& f) {
+void for_each_line(std::string_view text, const F& f) {
   std::size_t number = 0;
   while (!text.empty()) {
     const std::size_t nl = text.find('\n');

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -44,6 +45,16 @@ RunResult run_with(std::initializer_list<std::string_view> args,
   std::ostringstream err;
   const int code = run(v, out, err, limit);
   return {code, out.str(), err.str()};
+}
+
+// The value of an optional the test needs engaged. An empty one throws, and
+// the test fails there rather than read it (a check that
+// bugprone-unchecked-optional-access sees; it counts optional::value() as
+// unchecked).
+template <class T>
+T engaged(const std::optional<T>& o) {
+  if (!o) throw std::logic_error("expected a value, got std::nullopt");
+  return *o;
 }
 
 // The message of the UsageError that parse() throws, or "" when it does not.
@@ -101,11 +112,11 @@ TEST(Presets, LookupIsCaseInsensitiveAndExact) {
 }
 
 TEST(Dtypes, Sizes) {
-  EXPECT_EQ(find_dtype("bf16")->bytes, 2u);
-  EXPECT_EQ(find_dtype("FP16")->bytes, 2u);
-  EXPECT_EQ(find_dtype("fp32")->bytes, 4u);
-  EXPECT_EQ(find_dtype("fp8")->bytes, 1u);
-  EXPECT_EQ(find_dtype("int8")->bytes, 1u);
+  EXPECT_EQ(engaged(find_dtype("bf16")).bytes, 2u);
+  EXPECT_EQ(engaged(find_dtype("FP16")).bytes, 2u);
+  EXPECT_EQ(engaged(find_dtype("fp32")).bytes, 4u);
+  EXPECT_EQ(engaged(find_dtype("fp8")).bytes, 1u);
+  EXPECT_EQ(engaged(find_dtype("int8")).bytes, 1u);
   EXPECT_FALSE(find_dtype("fp4").has_value());
   EXPECT_FALSE(dtypes().empty());
 }
@@ -299,11 +310,12 @@ TEST(Report, Llama31_8B_24GiB_8k) {
   EXPECT_EQ(r.simulation.status, SimStatus::verified);
   EXPECT_EQ(r.simulation.allocated, 24u);
   ASSERT_TRUE(r.gqa.has_value());
-  EXPECT_EQ(r.gqa->group, 4u);
-  EXPECT_EQ(r.gqa->mha_bytes_per_token, Bytes{524288u});
-  EXPECT_EQ(r.gqa->mha_tokens_fit, Tokens{49152u});
-  EXPECT_EQ(r.gqa->mha_requests_fit, 6u);
-  EXPECT_DOUBLE_EQ(r.gqa->ratio, 4.0);
+  const GqaComparison gqa = engaged(r.gqa);
+  EXPECT_EQ(gqa.group, 4u);
+  EXPECT_EQ(gqa.mha_bytes_per_token, Bytes{524288u});
+  EXPECT_EQ(gqa.mha_tokens_fit, Tokens{49152u});
+  EXPECT_EQ(gqa.mha_requests_fit, 6u);
+  EXPECT_DOUBLE_EQ(gqa.ratio, 4.0);
   EXPECT_FALSE(r.paged.has_value());
 }
 
@@ -319,7 +331,7 @@ TEST(Report, LeftoverAndRoundingDown) {
   EXPECT_EQ(r.simulation.status, SimStatus::verified);
   EXPECT_EQ(r.simulation.allocated, r.requests_fit);
   ASSERT_TRUE(r.gqa.has_value());
-  EXPECT_DOUBLE_EQ(r.gqa->ratio, 7.0);  // 28 query heads over 4 KV heads
+  EXPECT_DOUBLE_EQ(engaged(r.gqa).ratio, 7.0);  // 28 query heads over 4 KV heads
 }
 
 TEST(Report, ContextLargerThanBudget) {
@@ -355,8 +367,9 @@ TEST(Report, MhaModelHasNoSaving) {
   const Report r =
       make_report(parse({"--model", "Llama-2-7B", "--budget", "24GiB", "--context", "4096"}));
   ASSERT_TRUE(r.gqa.has_value());
-  EXPECT_EQ(r.gqa->group, 1u);
-  EXPECT_EQ(r.gqa->mha_bytes_per_token, r.bytes_per_token);
+  const GqaComparison gqa = engaged(r.gqa);
+  EXPECT_EQ(gqa.group, 1u);
+  EXPECT_EQ(gqa.mha_bytes_per_token, r.bytes_per_token);
   EXPECT_EQ(r.bytes_per_token, Bytes{524288u});
   EXPECT_EQ(r.requests_fit, 12u);  // 24 GiB / (4096 * 512 KiB)
   EXPECT_NE(render_text(r).find("none: Llama-2-7B"), std::string::npos);
@@ -379,7 +392,7 @@ TEST(Report, PagedPool) {
   const Report r = make_report(parse({"--model", "Llama-3.1-8B", "--budget", "24GiB",
                                       "--context", "8000", "--page-size", "16"}));
   ASSERT_TRUE(r.paged.has_value());
-  const PagedPlan& p = *r.paged;
+  const PagedPlan p = engaged(r.paged);
   EXPECT_EQ(p.bytes_per_page, Bytes{65536u});  // 16 * 2 * 8 * 128 * 2
   EXPECT_EQ(p.bytes_per_page, (ModelConfig{32, 8, 128, 2}.bytes_per_page(Tokens{16u})));
   EXPECT_EQ(p.pool_pages, Pages{393216u});
@@ -393,8 +406,9 @@ TEST(Report, PagedPool) {
 
   const Report odd = make_report(parse({"--model", "Llama-3.1-8B", "--budget", "24GiB",
                                         "--context", "8001", "--page-size", "16"}));
-  EXPECT_EQ(odd.paged->request_pages_per_layer, Pages{501u});
-  EXPECT_EQ(odd.paged->last_page_slack, Tokens{15u});
+  const PagedPlan odd_plan = engaged(odd.paged);
+  EXPECT_EQ(odd_plan.request_pages_per_layer, Pages{501u});
+  EXPECT_EQ(odd_plan.last_page_slack, Tokens{15u});
 }
 
 TEST(Report, PageIdLimit) {
@@ -403,8 +417,9 @@ TEST(Report, PageIdLimit) {
                                       "1k", "--page-size", "1"}),
                                0);
   ASSERT_TRUE(r.paged.has_value());
-  EXPECT_EQ(r.paged->pool_pages, Pages{8 * GiB});
-  EXPECT_TRUE(r.paged->exceeds_page_ids);
+  const PagedPlan plan = engaged(r.paged);
+  EXPECT_EQ(plan.pool_pages, Pages{8 * GiB});
+  EXPECT_TRUE(plan.exceeds_page_ids);
 }
 
 TEST(Report, PageSizeOverflowIsAUsageError) {

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -631,7 +632,7 @@ TEST(Args, Values) {
                            "8"});
   EXPECT_EQ(t.model_name, "custom");
   EXPECT_EQ(t.sim.max_steps, 0u);  // a trace runs until done
-  EXPECT_EQ(*t.trace, "x.csv");
+  EXPECT_EQ(t.trace, std::optional<std::string>("x.csv"));
 }
 
 TEST(Args, Errors) {
