@@ -504,7 +504,7 @@ void PagedKVCache::prepare_blocks(Content& chain, std::uint64_t from,
       next.tail.clear();
     }
   } catch (...) {
-    for (std::size_t k = first_out; k < out.size(); ++k) {
+    for (std::size_t k = out.size(); k-- > first_out;) {  // newest first
       if (out[k] != nullptr) registry_->unprepare_block(*out[k]);
     }
     out.resize(first_out);

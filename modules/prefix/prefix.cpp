@@ -246,7 +246,11 @@ void PrefixRegistry::unprepare_block(Block& b) noexcept {
   auto [it, end] = blocks_.equal_range(b.key);
   while (it != end && it->second.get() != &b) ++it;
   KVCACHE_ASSERT(it != end);
-  blocks_.erase(it);
+  const std::uint64_t serial = b.serial;
+  blocks_.erase(it);  // destroys b
+  // Undone newest first, a block gives its serial back: a failed call leaves
+  // even the serials as they were.
+  if (serial + 1 == next_block_serial_) --next_block_serial_;
 }
 
 void PrefixRegistry::reserve_events(std::size_t stored) {
@@ -286,14 +290,14 @@ void PrefixRegistry::evict(Entry& p, KvRemovalReason why) noexcept {
   cached_ -= p.cached;
   counters_.pages_evicted += freed;
   if (p.kind == Entry::Kind::prefix) {
-    auto& prefix = static_cast<Prefix&>(p);
+    auto& prefix = static_cast<Prefix&>(p);  // NOLINT(cppcoreguidelines-pro-type-static-cast-downcast): `kind` names the type
     ++counters_.prefixes_evicted;
     const auto it = prefixes_.find(prefix.hash);
     KVCACHE_ASSERT(it != prefixes_.end());
     prefixes_.erase(it);  // destroys p
     return;
   }
-  auto& block = static_cast<Block&>(p);
+  auto& block = static_cast<Block&>(p);  // NOLINT(cppcoreguidelines-pro-type-static-cast-downcast): `kind` names the type
   ++counters_.blocks_evicted;
   KvEvent e;
   e.kind = KvEventKind::removed;

@@ -225,11 +225,13 @@ class PrefixRegistry {
   // The prefix that holds `page`, or nullptr (also for a block's page).
   [[nodiscard]] const Prefix* owner(PageId page) const noexcept {
     const Entry* e = owner_[page.index()];
+    // NOLINTNEXTLINE(cppcoreguidelines-pro-type-static-cast-downcast): `kind` names the type
     return e != nullptr && e->kind == Entry::Kind::prefix ? static_cast<const Prefix*>(e) : nullptr;
   }
   // The content block that holds `page`, or nullptr.
   [[nodiscard]] const Block* block_owner(PageId page) const noexcept {
     const Entry* e = owner_[page.index()];
+    // NOLINTNEXTLINE(cppcoreguidelines-pro-type-static-cast-downcast): `kind` names the type
     return e != nullptr && e->kind == Entry::Kind::block ? static_cast<const Block*>(e) : nullptr;
   }
   // Copy-on-write rule: may request `serial` write `page` in place? Only when

@@ -117,12 +117,23 @@ std::string dump(const PagedKVCache& c) {
      << s.bytes_per_page.count() << " B; prefixes " << s.registered_prefixes << "; counters "
      << s.prefix.hits << ' ' << s.prefix.misses << ' ' << s.prefix.tokens_saved << ' '
      << s.prefix.pages_saved << ' ' << s.prefix.cow_copies << ' ' << s.prefix.prefixes_evicted
-     << ' ' << s.prefix.pages_evicted << "; efficiency " << c.memory_efficiency() << '\n';
+     << ' ' << s.prefix.pages_evicted << ' ' << s.prefix.content_prompt_tokens << ' '
+     << s.prefix.content_hit_tokens << ' ' << s.prefix.blocks_stored << ' '
+     << s.prefix.blocks_evicted << ' ' << s.prefix.blocks_duplicate << "; efficiency "
+     << c.memory_efficiency() << "; blocks " << c.registry().num_blocks() << "; events pending "
+     << c.registry().pending_events() << '\n';
   os << "free list:";
   for (const PageId p : c.pool().free_list()) os << ' ' << static_cast<std::uint64_t>(p);
   os << "\nrefs:";
   for (std::uint64_t i = 0; i < s.total_pages.count(); ++i) {
     os << ' ' << c.pool().ref_count(PageId{static_cast<PageId::rep>(i)});
+  }
+  os << "\nblocks:";
+  for (std::uint64_t i = 0; i < s.total_pages.count(); ++i) {
+    const auto* b = c.registry().block_owner(PageId{static_cast<PageId::rep>(i)});
+    if (b == nullptr) continue;
+    os << ' ' << i << ":" << b->serial << "<" << b->parent_serial << "@" << b->first_token << "/"
+       << b->cached << (b->on_lru ? "L" : "");
   }
   os << '\n';
   for (const std::string_view h : kHashes) {
@@ -133,7 +144,8 @@ std::string dump(const PagedKVCache& c) {
     os << '\n';
   }
   for (const std::string& id : sorted_ids(c.request_ids())) {
-    os << "request \"" << id << "\" holds " << c.pages_held(id).count() << " pages\n";
+    os << "request \"" << id << "\" holds " << c.pages_held(id).count() << " pages, cached tokens "
+       << c.cached_tokens(id).count() << (c.content_addressed(id) ? ", by content" : "") << '\n';
     for (std::size_t l = 0; l < c.config().num_layers; ++l) {
       os << "  layer " << l << ": " << c.tokens(id, l).count() << " tokens, table";
       for (const PageId p : c.block_table(id, l)) os << ' ' << static_cast<std::uint64_t>(p);
@@ -792,6 +804,127 @@ TEST(FaultInjectionPaged, Fork) {
             [](PagedKVCache& c) { return result(c.fork("a", "b")); }));
   run(paged("fork of an unknown parent", [] { return paged_forked(); },
             [](PagedKVCache& c) { return result(c.fork("nobody", "c")); }));
+}
+
+// ---------------------------------------------------------------------------
+// Content-addressed prefix caching (allocate_paged with token ids,
+// append_token_ids, events).
+
+std::vector<kvcache::TokenId> ids_from(kvcache::TokenId first, std::size_t n) {
+  std::vector<kvcache::TokenId> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = first + static_cast<kvcache::TokenId>(i);
+  return v;
+}
+
+// "c" by content: 9 tokens (2 keyed pages + a partial), written.
+PagedKVCache paged_with_content(std::uint64_t pool = 16, bool collide = false) {
+  PagedKVCache c = empty_paged(pool);
+  c.force_key_collisions_for_testing(collide);
+  EXPECT_TRUE(c.allocate_paged("c", ids_from(0, 9)));
+  for (std::size_t l = 0; l < 2; ++l) {
+    for (std::size_t t = 0; t < 9; ++t) c.write_kv("c", l, t, row(static_cast<unsigned>(t)), row(4));
+  }
+  return c;
+}
+
+TEST(FaultInjectionPaged, ContentAddressed) {
+  for (std::size_t k = 0; k <= 6; ++k) {
+    run(paged("content miss with " + std::to_string(k) + " cached requests' blocks",
+              [k] {
+                PagedKVCache c = empty_paged(64);
+                for (std::size_t i = 0; i < k; ++i) {
+                  const std::string id = "q" + std::to_string(i);
+                  EXPECT_TRUE(c.allocate_paged(id, ids_from(static_cast<kvcache::TokenId>(100 * (i + 1)), 5)));
+                  c.free(id);
+                }
+                return c;
+              },
+              [](PagedKVCache& c) { return result(c.allocate_paged("new", ids_from(0, 13), "salt")); }));
+  }
+  run(paged("content hit of a live request's pages", [] { return paged_with_content(); },
+            [](PagedKVCache& c) { return result(c.allocate_paged("hit", ids_from(0, 11))); }));
+  run(paged("content hit of cached pages",
+            [] {
+              PagedKVCache c = paged_with_content();
+              c.free("c");
+              return c;
+            },
+            [](PagedKVCache& c) { return result(c.allocate_paged("hit", ids_from(0, 12))); }));
+  run(paged("content hit capped at prompt - 1 (an equal last block exists)",
+            [] { return paged_with_content(); },
+            [](PagedKVCache& c) { return result(c.allocate_paged("hit", ids_from(0, 8))); }));
+  run(paged("content lookup under forced key collisions", [] { return paged_with_content(16, true); },
+            [](PagedKVCache& c) {
+              auto p = ids_from(0, 9);
+              p[0] = 50;  // another first page, the same key
+              return result(c.allocate_paged("x", p));
+            }));
+  run(paged("content allocation evicting cached blocks",
+            [] {
+              PagedKVCache c = paged_with_content(8);  // 6 of 8 pages
+              c.free("c");                             // 4 cached, 4 free
+              return c;
+            },
+            [](PagedKVCache& c) { return result(c.allocate_paged("big", ids_from(500, 12))); }));
+  run(paged("content allocation out of pages", paged_exhausted,
+            [](PagedKVCache& c) { return result(c.allocate_paged("new", ids_from(0, 5))); }));
+  run(paged("content allocation of a duplicate id", [] { return paged_with_content(); },
+            [](PagedKVCache& c) { return result(c.allocate_paged("c", ids_from(0, 5))); }));
+  run(paged("append_token_ids into the last page", [] { return paged_with_content(); },
+            [](PagedKVCache& c) { return result(c.append_token_ids("c", ids_from(9, 2))); }));
+  run(paged("append_token_ids filling pages (keys them)", [] { return paged_with_content(); },
+            [](PagedKVCache& c) { return result(c.append_token_ids("c", ids_from(9, 11))); }));
+  run(paged("append_token_ids into a page shared with a fork",
+            [] {
+              PagedKVCache c = paged_with_content();
+              EXPECT_TRUE(c.fork("c", "f"));
+              return c;
+            },
+            [](PagedKVCache& c) { return result(c.append_token_ids("f", ids_from(9, 3))); }));
+  run(paged("append_token_ids onto an equal existing block",
+            [] {
+              PagedKVCache c = paged_with_content();
+              EXPECT_TRUE(c.fork("c", "f"));
+              EXPECT_TRUE(c.append_token_ids("c", ids_from(9, 3)));
+              return c;
+            },
+            [](PagedKVCache& c) { return result(c.append_token_ids("f", ids_from(9, 3))); }));
+  run(paged("append_token_ids evicting a cached block",
+            [] {
+              PagedKVCache c = paged_with_content(8);
+              EXPECT_TRUE(c.allocate_paged("d", ids_from(200, 4)));  // 2 pages, keyed
+              c.free("d");                                           // 2 cached
+              return c;
+            },
+            [](PagedKVCache& c) { return result(c.append_token_ids("c", ids_from(9, 4))); }));
+  run(paged("append_token_ids out of pages",
+            [] { return paged_with_content(6); },
+            [](PagedKVCache& c) { return result(c.append_token_ids("c", ids_from(9, 4))); }));
+  run(paged("append_token_ids on a request without token ids", [] { return paged_with(2); },
+            [](PagedKVCache& c) { return result(c.append_token_ids("r0", ids_from(0, 1))); }));
+  run(paged("write_kv copying a block page", 
+            [] {
+              PagedKVCache c = paged_with_content();
+              EXPECT_TRUE(c.allocate_paged("hit", ids_from(0, 10)));
+              return c;
+            },
+            [](PagedKVCache& c) {
+              c.write_kv("hit", 1, std::size_t{2}, row(9), row(9));
+              return kVoid;
+            }));
+  run(paged("free a content request (its blocks become cached)", [] { return paged_with_content(); },
+            [](PagedKVCache& c) {
+              c.free("c");
+              return kVoid;
+            }));
+  run(paged("clear_prefix_cache with blocks and a named prefix",
+            [] {
+              PagedKVCache c = paged_with_content(32);
+              EXPECT_TRUE(c.allocate_paged("n", Tokens{6}, "sys", Tokens{4}));
+              c.free("c");
+              return c;
+            },
+            [](PagedKVCache& c) { return Outcome{"count", c.clear_prefix_cache()}; }));
 }
 
 TEST(FaultInjectionPaged, FreeAndEviction) {

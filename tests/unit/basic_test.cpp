@@ -818,7 +818,7 @@ TEST(BasicKVCacheStorageNone, CallsThatPassOrReadBytesThrowLogicErrorAndChangeNo
       [&] { cache.append_token("r", 1, key_row(1, 1), value_row(1, 1)); });
   EXPECT_TRUE(has(msg, "Storage::none")) << msg;
   EXPECT_EQ(snapshot(cache), before);
-  const std::vector<float> f(kSmall.num_kv_heads * kSmall.head_dim);
+  const std::vector<float> f(std::size_t{kSmall.num_kv_heads} * kSmall.head_dim);
   EXPECT_THROW(cache.append_token("r", 1, std::span<const float>(f), std::span<const float>(f)),
                std::logic_error);
   EXPECT_EQ(snapshot(cache), before);

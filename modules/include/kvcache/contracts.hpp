@@ -48,10 +48,12 @@ namespace kvcache::detail {
   char digits[12] = {};  // NOLINT(cppcoreguidelines-avoid-c-arrays): a fixed scratch buffer, no <array> in every includer
   int at = static_cast<int>(sizeof digits) - 1;
   unsigned value = line < 0 ? 0U : static_cast<unsigned>(line);
-  do {
+  digits[--at] = static_cast<char>('0' + value % 10U);  // NOLINT(cppcoreguidelines-pro-bounds-constant-array-index)
+  value /= 10U;
+  while (value != 0U && at > 0) {
     digits[--at] = static_cast<char>('0' + value % 10U);  // NOLINT(cppcoreguidelines-pro-bounds-constant-array-index)
     value /= 10U;
-  } while (value != 0U && at > 0);
+  }
   std::fputs(&digits[at], stderr);  // NOLINT(cppcoreguidelines-pro-bounds-constant-array-index)
   std::fputs(")\n", stderr);
   std::fflush(stderr);
