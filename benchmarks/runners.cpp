@@ -10,9 +10,12 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 #include <unordered_map>
 #include <vector>
 
@@ -90,6 +93,52 @@ class W1Paged {
   const std::vector<std::string>* ids_;
 };
 
+// ---- caching on (Api::token_ids): the content API of issue 8 -------------------
+
+// The chained keys of the full pages of `tokens` after `parent`, exactly as
+// the library computes them inside allocate_paged / append_token_ids
+// (registry().block_key, empty salt); `parent` ends as the last key. Returns
+// the keys' xor, which the caller checks, so that nothing is optimised away.
+std::uint64_t chain_keys(const PagedKVCache& c, std::optional<std::uint64_t>& parent,
+                         std::span<const std::uint32_t> tokens) {
+  std::uint64_t x = 0;
+  for (std::size_t k = 0; k + block_size <= tokens.size(); k += block_size) {
+    const std::uint64_t key = c.registry().block_key(parent, {}, tokens.subspan(k, block_size));
+    parent = key;
+    x ^= key;
+  }
+  return x;
+}
+
+ContentCounters content_counters(const PagedKVCache& c) {
+  const PagedStats s = c.stats();
+  return {s.prefix.content_prompt_tokens, s.prefix.content_hit_tokens, s.prefix.blocks_stored,
+          s.prefix.blocks_evicted,        s.prefix.blocks_duplicate,   s.cached_pages.count()};
+}
+
+// Request i is allocate_paged(ids[i], its 16 n token ids): every full page is
+// keyed and stored; freed pages stay cached until the allocator evicts them.
+class W1Content {
+ public:
+  W1Content(const w1::Content& c, Storage s, const std::vector<std::string>& ids)
+      : cache_(make_cache(c.params.pool, s)), ids_(&ids), content_(&c) {
+    cache_.record_events(false);
+  }
+  bool allocate(std::size_t i, std::uint32_t /*n*/) {
+    return cache_.allocate_paged((*ids_)[i], content_->tokens_of(i));
+  }
+  void free(std::size_t i) { cache_.free((*ids_)[i]); }
+  [[nodiscard]] std::uint64_t pages_in_use() const noexcept {
+    return cache_.stats().used_pages.count();
+  }
+  [[nodiscard]] const PagedKVCache& cache() const noexcept { return cache_; }
+
+ private:
+  PagedKVCache cache_;
+  const std::vector<std::string>* ids_;
+  const w1::Content* content_;
+};
+
 // The timed regions are functions of their own (never inlined) so that a
 // profiler can isolate them: valgrind --tool=callgrind --toggle-collect='*region_*'
 // counts exactly what the clock measures (docs/performance.md). One call per
@@ -108,6 +157,27 @@ std::uint64_t timed_w1(Backend& b, std::span<const std::uint32_t> sizes, std::ui
   const auto t1 = Clock::now();
   expect(b.pages_in_use() == 0, "W1: pages left in use after the drain");
   return ns_between(t0, t1);
+}
+
+[[gnu::noinline]] std::uint64_t region_w1_keys(const PagedKVCache& c, const w1::Content& in) {
+  std::uint64_t x = 0;
+  for (std::size_t i = 0; i < in.sizes.size(); ++i) {
+    std::optional<std::uint64_t> parent;
+    x ^= chain_keys(c, parent, in.tokens_of(i));
+  }
+  return x;
+}
+
+W1Timing timed_w1_content(W1Content& b, const w1::Content& in) {
+  W1Timing t;
+  const auto t0 = Clock::now();
+  const std::uint64_t keys = region_w1_keys(b.cache(), in);
+  const auto t1 = Clock::now();
+  expect(keys != 0, "W1: the key pass folded to 0");  // 2^-64 for distinct random keys
+  t.hash_ns = ns_between(t0, t1);
+  t.ns = timed_w1(b, std::span<const std::uint32_t>(in.sizes), in.params.high_water);
+  t.content = content_counters(b.cache());
+  return t;
 }
 
 // ---- W2 ------------------------------------------------------------------------
@@ -174,6 +244,55 @@ class W2Paged {
   PagedKVCache cache_;
   const std::vector<std::string>* ids_;
 };
+
+// Prefill is allocate_paged(id, the prompt's token ids); each decode token is
+// append_token_ids(id, {token}), which keys a page when it fills.
+class W2Content {
+ public:
+  W2Content(const w2::Params& p, Storage s, const std::vector<std::string>& ids)
+      : cache_(make_cache(p.pool, s)), ids_(&ids) {
+    cache_.record_events(false);
+  }
+  bool prefill(std::size_t r, std::span<const std::uint32_t> prompt) {
+    return cache_.allocate_paged((*ids_)[r], prompt);
+  }
+  bool append(std::size_t r, std::uint32_t token) {
+    return cache_.append_token_ids((*ids_)[r], std::span<const std::uint32_t>(&token, 1));
+  }
+  void free(std::size_t r) { cache_.free((*ids_)[r]); }
+  [[nodiscard]] std::uint64_t pages_in_use() const noexcept {
+    return cache_.stats().used_pages.count();
+  }
+  [[nodiscard]] std::uint64_t tokens(std::size_t r) const { return cache_.tokens((*ids_)[r], 0).count(); }
+  [[nodiscard]] std::uint64_t blocks(std::size_t r) const { return cache_.pages_held((*ids_)[r]).count(); }
+  [[nodiscard]] const PagedKVCache& cache() const noexcept { return cache_; }
+
+ private:
+  PagedKVCache cache_;
+  const std::vector<std::string>* ids_;
+};
+
+// The keys append_token_ids computes in W2's decode: per request, the 64
+// pages its decode tokens fill, chained after its prompt's last page. Setup
+// (each request's decode tokens made contiguous, the prompt's keys) untimed.
+std::uint64_t w2_key_pass_ns(const PagedKVCache& c, const w2::Input& in) {
+  const std::size_t reqs = in.params.reqs;
+  const std::size_t steps = in.params.steps;
+  std::vector<std::uint32_t> decode(reqs * steps);
+  std::vector<std::optional<std::uint64_t>> parent(reqs);
+  for (std::size_t r = 0; r < reqs; ++r) {
+    for (std::size_t s = 0; s < steps; ++s) decode[(r * steps) + s] = in.decode_at(s, r);
+    static_cast<void>(chain_keys(c, parent[r], in.prompt_of(r)));
+  }
+  const auto t0 = Clock::now();
+  std::uint64_t x = 0;
+  for (std::size_t r = 0; r < reqs; ++r) {
+    x ^= chain_keys(c, parent[r], std::span<const std::uint32_t>(decode).subspan(r * steps, steps));
+  }
+  const auto t1 = Clock::now();
+  expect(x != 0, "W2: the key pass folded to 0");  // 2^-64 for distinct random keys
+  return ns_between(t0, t1);
+}
 
 template <class Backend>
 [[gnu::noinline]] void region_w2_decode(Backend& b, const w2::Input& in) {
@@ -319,6 +438,46 @@ class W3Paged {
   std::size_t prefix_block_;
 };
 
+// allocate_paged(id, tokens(q)): the library finds the shared pages by
+// content itself; the benchmark's hashes are not used.
+class W3Content {
+ public:
+  W3Content(const w3::Input& in, Storage s, const std::vector<std::string>& ids)
+      : cache_(make_cache(in.params.pool, s)), ids_(&ids), in_(&in) {
+    cache_.record_events(false);
+  }
+  bool admit(std::size_t q, std::span<const std::uint64_t> /*hashes*/) {
+    return cache_.allocate_paged((*ids_)[q], in_->tokens_of(q));
+  }
+  void free(std::size_t q) { cache_.free((*ids_)[q]); }
+  [[nodiscard]] std::uint64_t pages_in_use() const noexcept {
+    return cache_.stats().used_pages.count();
+  }
+  [[nodiscard]] std::uint64_t hit_blocks() const noexcept {
+    return cache_.stats().prefix.content_hit_tokens / block_size;  // 1 layer
+  }
+  // cached_tokens(id) of the first `n` requests (all of them alive).
+  [[nodiscard]] std::vector<std::uint64_t> cached_tokens(std::size_t n) const {
+    std::vector<std::uint64_t> v(n);
+    for (std::size_t q = 0; q < n; ++q) v[q] = cache_.cached_tokens((*ids_)[q]).count();
+    return v;
+  }
+  [[nodiscard]] const PagedKVCache& cache() const noexcept { return cache_; }
+
+ private:
+  PagedKVCache cache_;
+  const std::vector<std::string>* ids_;
+  const w3::Input* in_;
+};
+
+void fill_counters(const W3Content& b, W3Timing& t) {
+  const PagedStats s = b.cache().stats();
+  t.hit_tokens = s.prefix.content_hit_tokens;
+  t.hit_blocks = t.hit_tokens / block_size;
+  t.evicted = s.prefix.blocks_evicted;
+  for (const auto c : b.cached_tokens(s.num_requests)) ++(c != 0 ? t.prefix_hits : t.prefix_misses);
+}
+
 void fill_counters(const W3Pool& b, W3Timing& t) {
   t.hit_blocks = b.hit_blocks();
   t.evicted = b.evicted();
@@ -340,8 +499,25 @@ void fill_sizes(const w3::Input& in, W3Timing& t) {
   t.prompt_tokens = in.params.reqs * in.request_tokens();
 }
 
-[[gnu::noinline]] void region_w3_hash(const w3::Input& in, std::vector<std::uint64_t>& hashes) {
-  w3::hash_all(in, hashes);
+// The [hash] step: the benchmark's block_hash, or with Api::token_ids the
+// library's own keys (the 70 chained XXH3 keys of each request).
+template <class Backend>
+[[gnu::noinline]] void region_w3_hash(const Backend& b, const w3::Input& in,
+                                      std::vector<std::uint64_t>& hashes) {
+  if constexpr (std::is_same_v<Backend, W3Content>) {
+    const std::size_t fb = in.full_blocks();
+    for (std::size_t q = 0; q < in.params.reqs; ++q) {
+      std::optional<std::uint64_t> parent;
+      const auto tokens = in.tokens_of(q);
+      for (std::size_t k = 0; k < fb; ++k) {
+        parent = b.cache().registry().block_key(parent, {}, tokens.subspan(k * block_size, block_size));
+        hashes[(q * fb) + k] = *parent;
+      }
+    }
+  } else {
+    static_cast<void>(b);
+    w3::hash_all(in, hashes);
+  }
 }
 
 template <class Backend>
@@ -361,7 +537,7 @@ W3Timing timed_w3(Backend& b, const w3::Input& in) {
   W3Timing t;
   std::vector<std::uint64_t> hashes(in.params.reqs * in.full_blocks());
   const auto t0 = Clock::now();
-  region_w3_hash(in, hashes);
+  region_w3_hash(b, in, hashes);
   const auto t1 = Clock::now();
   region_w3_admit(b, in, std::span<const std::uint64_t>(hashes));
   const auto t2 = Clock::now();
@@ -382,6 +558,23 @@ W3Observed observed_w3(Backend& b, const w3::Input& in) {
   W3Observed o;
   o.facts = w3::observe(in, b);
   fill_counters(b, o.counters);
+  fill_sizes(in, o.counters);
+  return o;
+}
+
+// As w3::observe, reading cached_tokens(id) of every request before the frees.
+W3Observed observed_w3_content(W3Content& b, const w3::Input& in) {
+  W3Observed o;
+  std::vector<std::uint64_t> hashes;
+  w3::hash_all(in, hashes);
+  w3::FactObserver obs;
+  w3::admit_all(in, std::span<const std::uint64_t>(hashes), b, obs);
+  o.cached_tokens = b.cached_tokens(in.params.reqs);
+  fill_counters(b, o.counters);
+  w3::free_all(in, b);
+  obs.facts.in_use_at_end = b.pages_in_use();
+  o.facts = std::move(obs.facts);
+  o.content = content_counters(b.cache());
   fill_sizes(in, o.counters);
   return o;
 }
@@ -407,10 +600,20 @@ std::vector<std::string> make_ids(std::size_t n, Ids style) {
   return ids;
 }
 
-W1Timing time_w1(const Variant& v, const w1::Params& p, std::span<const std::uint32_t> sizes) {
+W1Timing time_w1(const Variant& v, const w1::Params& p, std::span<const std::uint32_t> sizes,
+                 const w1::Content* content) {
   W1Timing t;
   for (const auto s : sizes) t.blocks += s;
-  if (v.level == Level::pool) {
+  if (v.api == Api::token_ids) {
+    expect(v.level != Level::pool && content != nullptr && content->sizes.size() == sizes.size(),
+           "W1 with caching on needs a PagedKVCache level and the token ids");
+    const auto ids = make_ids(sizes.size(), v.ids);
+    W1Content b(*content, storage_of(v.level), ids);
+    const W1Timing c = timed_w1_content(b, *content);
+    t.ns = c.ns;
+    t.hash_ns = c.hash_ns;
+    t.content = c.content;
+  } else if (v.level == Level::pool) {
     W1Pool b(p);
     t.ns = timed_w1(b, sizes, p.high_water);
   } else {
@@ -424,7 +627,12 @@ W1Timing time_w1(const Variant& v, const w1::Params& p, std::span<const std::uin
 w1::Facts observe_w1(const Variant& v, const w1::Params& p) {
   const auto sizes = w1::make_sizes(p);
   w1::FactObserver obs;
-  if (v.level == Level::pool) {
+  if (v.api == Api::token_ids) {
+    const w1::Content content = w1::make_content(p);
+    const auto ids = make_ids(sizes.size(), v.ids);
+    W1Content b(content, storage_of(v.level), ids);
+    w1::run(std::span<const std::uint32_t>(content.sizes), p.high_water, b, obs);
+  } else if (v.level == Level::pool) {
     W1Pool b(p);
     w1::run(std::span<const std::uint32_t>(sizes), p.high_water, b, obs);
   } else {
@@ -442,6 +650,14 @@ W2Timing time_w2(const Variant& v, const w2::Input& in) {
     return timed_w2(b, in);
   }
   const auto ids = make_ids(in.params.reqs, v.ids);
+  if (v.api == Api::token_ids) {
+    W2Content b(in.params, storage_of(v.level), ids);
+    const std::uint64_t hash_ns = w2_key_pass_ns(b.cache(), in);
+    W2Timing t = timed_w2(b, in);
+    t.hash_ns = hash_ns;
+    t.content = content_counters(b.cache());
+    return t;
+  }
   if (v.api == Api::token_paged) {
     W2Paged<Api::token_paged> b(in.params, storage_of(v.level), ids);
     return timed_w2(b, in);
@@ -456,6 +672,12 @@ w2::Facts observe_w2(const Variant& v, const w2::Input& in) {
     return w2::observe(in, b);
   }
   const auto ids = make_ids(in.params.reqs, v.ids);
+  if (v.api == Api::token_ids) {
+    W2Content b(in.params, storage_of(v.level), ids);
+    auto f = w2::observe(in, b);
+    expect(b.cache().stats().prefix.blocks_evicted == 0, "W2: blocks evicted");
+    return f;
+  }
   if (v.api == Api::token_paged) {
     W2Paged<Api::token_paged> b(in.params, storage_of(v.level), ids);
     auto f = w2::observe(in, b);
@@ -472,6 +694,10 @@ W3Timing time_w3(const Variant& v, const w3::Input& in) {
     return timed_w3(b, in);
   }
   const auto ids = make_ids(in.params.reqs, v.ids);
+  if (v.api == Api::token_ids) {
+    W3Content b(in, storage_of(v.level), ids);
+    return timed_w3(b, in);
+  }
   W3Paged b(in, storage_of(v.level), ids);
   return timed_w3(b, in);
 }
@@ -482,6 +708,10 @@ W3Observed observe_w3(const Variant& v, const w3::Input& in) {
     return observed_w3(b, in);
   }
   const auto ids = make_ids(in.params.reqs, v.ids);
+  if (v.api == Api::token_ids) {
+    W3Content b(in, storage_of(v.level), ids);
+    return observed_w3_content(b, in);
+  }
   W3Paged b(in, storage_of(v.level), ids);
   return observed_w3(b, in);
 }

@@ -41,6 +41,7 @@ std::string name_of(const testing::TestParamInfo<Variant>& info) {
                   : v.level == Level::paged_none ? "paged_none"
                                                  : "paged_host";
   if (v.api == Api::all_layers) n += "_all_layers";
+  if (v.api == Api::token_ids) n += "_token_ids";
   if (v.ids == Ids::long_ids) n += "_long_ids";
   return n;
 }
@@ -48,6 +49,9 @@ std::string name_of(const testing::TestParamInfo<Variant>& info) {
 const Variant pool{Level::pool};
 const Variant paged_none{Level::paged_none};
 const Variant paged_host{Level::paged_host};
+// Caching on: allocate_paged with token ids (and append_token_ids in W2).
+const Variant content_none{Level::paged_none, Api::token_ids};
+const Variant content_host{Level::paged_host, Api::token_ids};
 
 // ---- the generator --------------------------------------------------------------
 
@@ -113,12 +117,48 @@ TEST_P(W1Backend, AgreesWithTheModelAtEveryStep) {
 TEST_P(W1Backend, TimedRunCoversEveryBlock) {
   const w1::Params p = w1::smoke;
   const auto sizes = w1::make_sizes(p);
-  const W1Timing t = time_w1(GetParam(), p, sizes);
+  const w1::Content content = w1::make_content(p);  // used by Api::token_ids only
+  const W1Timing t = time_w1(GetParam(), p, sizes, &content);
   EXPECT_EQ(t.blocks, sum(sizes));
   EXPECT_GT(t.ns, 0U);
 }
 
-INSTANTIATE_TEST_SUITE_P(Levels, W1Backend, testing::Values(pool, paged_none, paged_host), name_of);
+INSTANTIATE_TEST_SUITE_P(Levels, W1Backend,
+                         testing::Values(pool, paged_none, paged_host, content_none, content_host),
+                         name_of);
+
+// Caching on: the token ids continue the sizes' generator (the benchmark's
+// choice; WORKLOADS.md gives W1 none).
+TEST(W1, ContentContinuesTheGenerator) {
+  const w1::Params p = w1::smoke;
+  const w1::Content c = w1::make_content(p);
+  EXPECT_EQ(c.sizes, w1::make_sizes(p));
+  ASSERT_EQ(c.tokens.size(), block_size * sum(c.sizes));
+  SplitMix64 rng;
+  for (std::size_t i = 0; i < p.ops; ++i) static_cast<void>(rng.next());
+  EXPECT_EQ(c.tokens_of(0).size(), block_size * c.sizes[0]);
+  EXPECT_EQ(c.tokens_of(0)[0], rng.token());
+  EXPECT_EQ(c.tokens_of(0)[1], rng.token());
+  EXPECT_EQ(c.tokens_of(p.ops - 1).data() + c.tokens_of(p.ops - 1).size(),
+            c.tokens.data() + c.tokens.size());
+}
+
+// Random content shares nothing: every full page is keyed and stored once,
+// and once the pool is full of cached pages every page taken evicts one.
+TEST(W1, CachingOnStoresEveryPageAndEvictsTheOverflow) {
+  const w1::Params p = audited ? w1::smoke : w1::standard;
+  const w1::Content c = w1::make_content(p);
+  const W1Timing t = time_w1(content_none, p, c.sizes, &c);
+  const std::uint64_t blocks = sum(c.sizes);
+  EXPECT_EQ(t.content.prompt_tokens, block_size * blocks);
+  EXPECT_EQ(t.content.hit_tokens, 0U);
+  EXPECT_EQ(t.content.blocks_duplicate, 0U);
+  EXPECT_EQ(t.content.blocks_stored, blocks);
+  EXPECT_EQ(t.content.cached_pages, p.pool);  // after the drain every page is a cached block
+  EXPECT_EQ(t.content.blocks_evicted, blocks - p.pool);
+  EXPECT_GT(t.hash_ns, 0U);
+  if (!audited) EXPECT_EQ(t.content.blocks_evicted, 6509162U - 65536U);
+}
 
 // ---- W2 -----------------------------------------------------------------------
 
@@ -181,8 +221,27 @@ INSTANTIATE_TEST_SUITE_P(Levels, W2Backend,
                          testing::Values(pool, paged_none, paged_host,
                                          Variant{Level::paged_none, Api::all_layers},
                                          Variant{Level::paged_none, Api::token_paged,
-                                                 Ids::long_ids}),
+                                                 Ids::long_ids},
+                                         content_none, content_host),
                          name_of);
+
+// Caching on: the prompts' pages and every page the decode fills are keyed
+// (random content: nothing shared, nothing evicted); after free-all they all
+// stay cached.
+TEST(W2, CachingOnKeysEveryFullPage) {
+  const w2::Input in = w2::make_input(audited ? w2::smoke : w2::standard);
+  const W2Timing t = time_w2(content_none, in);
+  const std::uint64_t pages =
+      in.params.reqs * blocks_for(in.params.prompt + in.params.steps);  // 256 * 96
+  EXPECT_EQ(t.content.prompt_tokens, in.params.reqs * in.params.prompt);
+  EXPECT_EQ(t.content.hit_tokens, 0U);
+  EXPECT_EQ(t.content.blocks_stored, pages);
+  EXPECT_EQ(t.content.blocks_duplicate, 0U);
+  EXPECT_EQ(t.content.blocks_evicted, 0U);
+  EXPECT_EQ(t.content.cached_pages, pages);
+  EXPECT_GT(t.hash_ns, 0U);
+  if (!audited) EXPECT_EQ(pages, 24576U);
+}
 
 // ---- W3 -----------------------------------------------------------------------
 
@@ -305,7 +364,41 @@ TEST_P(W3Backend, TimedRunReportsTheHitRate) {
   EXPECT_EQ(t.full_blocks, in.params.reqs * in.full_blocks());
 }
 
-INSTANTIATE_TEST_SUITE_P(Levels, W3Backend, testing::Values(pool, paged_none, paged_host), name_of);
+INSTANTIATE_TEST_SUITE_P(Levels, W3Backend,
+                         testing::Values(pool, paged_none, paged_host, content_none, content_host),
+                         name_of);
+
+// Caching on: the library finds the shared pages by content itself;
+// cached_tokens(id) of every request gives WORKLOADS.md's facts.
+TEST(W3, CachingOnCachedTokensGiveTheReferenceFacts) {
+  const w3::Input in = w3::make_input(audited ? w3::smoke : w3::standard);
+  const W3Observed o = observe_w3(content_none, in);
+  ASSERT_EQ(o.cached_tokens.size(), in.params.reqs);
+  std::vector<std::size_t> misses;
+  std::uint64_t hit_tokens = 0;
+  for (std::size_t q = 0; q < o.cached_tokens.size(); ++q) {
+    hit_tokens += o.cached_tokens[q];
+    if (o.cached_tokens[q] == 0) {
+      misses.push_back(q);
+    } else {
+      EXPECT_EQ(o.cached_tokens[q], 1024U) << "request " << q;  // 64 blocks
+    }
+  }
+  // The smoke size keeps the first 30 requests: the same ten misses.
+  EXPECT_EQ(misses, (std::vector<std::size_t>{0, 1, 2, 3, 4, 5, 7, 11, 12, 22}));
+  EXPECT_EQ(o.content.hit_tokens, hit_tokens);
+  EXPECT_EQ(o.content.prompt_tokens, in.params.reqs * in.request_tokens());
+  // Stored: all 70 full pages of each miss, the 6 unique ones of each hit.
+  EXPECT_EQ(o.content.blocks_stored, (misses.size() * 70) + ((in.params.reqs - misses.size()) * 6));
+  EXPECT_EQ(o.content.blocks_duplicate, 0U);
+  EXPECT_EQ(o.content.blocks_evicted, 0U);
+  if (!audited) {
+    EXPECT_EQ(hit_tokens, 1013760U);
+    EXPECT_EQ(o.content.prompt_tokens, 1124000U);
+    EXPECT_NEAR(static_cast<double>(hit_tokens) / 1124000.0, 0.90192, 0.000005);
+    EXPECT_EQ(o.content.blocks_stored, 6640U);
+  }
+}
 
 TEST(Ids, ShortIdsFitTheSmallStringBufferLongOnesDoNot) {
   const auto s = make_ids(200000, Ids::short_ids);
