@@ -472,6 +472,7 @@ void PagedKVCache::prepare_blocks(Content& chain, std::uint64_t from,
   Content next = chain;  // a copy: `chain` changes only when nothing threw
   const std::size_t first_out = out.size();
   std::uint64_t pos = from;
+  bool made_one = false;
   try {
     std::size_t i = 0;
     while (i < ids.size()) {
@@ -487,9 +488,12 @@ void PagedKVCache::prepare_blocks(Content& chain, std::uint64_t from,
       }
       i += take;
       pos += take;
-      const std::uint64_t key = registry_->block_key(next.last_key, next.salt, page);
-      if (const PrefixRegistry::Block* same =
-              registry_->find_block(key, next.last_serial, page, next.salt)) {
+      const std::uint64_t key = registry_->block_key(next.last_key, next.salt_hash, page);
+      // After a block this call made, no existing block can have the new
+      // parent: no lookup is needed.
+      const PrefixRegistry::Block* same =
+          made_one ? nullptr : registry_->find_block(key, next.last_serial, page, next.salt);
+      if (same != nullptr) {
         out.push_back(nullptr);  // equal content is cached already: chain on to it
         next.last_serial = same->serial;
       } else {
@@ -499,6 +503,7 @@ void PagedKVCache::prepare_blocks(Content& chain, std::uint64_t from,
                                      next.salt, config_.num_layers, registrant);
         out.back() = &b;
         next.last_serial = b.serial;
+        made_one = true;
       }
       next.last_key = key;
       next.tail.clear();
@@ -527,10 +532,12 @@ bool PagedKVCache::allocate_paged(std::string_view id, std::span<const TokenId> 
   // most prompt - 1 tokens. O(prompt) hashing and comparing.
   const std::size_t max_hit = prompt.empty() ? 0 : (prompt.size() - 1) / ps;
   std::vector<PrefixRegistry::Block*> hits;
-  Content chain{std::string(salt), {}, std::nullopt, 0};
+  hits.reserve(max_hit);
+  Content chain{std::string(salt), PrefixRegistry::salt_hash(salt), {}, std::nullopt, 0};
+  chain.tail.reserve(ps);  // appends into the partial page never allocate
   for (std::size_t i = 0; i < max_hit; ++i) {
     const auto page = prompt.subspan(i * ps, ps);
-    const std::uint64_t key = registry_->block_key(chain.last_key, salt, page);
+    const std::uint64_t key = registry_->block_key(chain.last_key, chain.salt_hash, page);
     PrefixRegistry::Block* b = registry_->find_block(key, chain.last_serial, page, salt);
     if (b == nullptr) break;
     hits.push_back(b);
@@ -628,10 +635,22 @@ bool PagedKVCache::append_token_ids(std::string_view id, std::span<const TokenId
   const Tokens stored = stored_ + tokens_in(Pages{config_.num_layers}, Tokens{std::uint64_t{tokens.size()}});
   // Everything that can throw, before any change.
   for (PageList& table : r.tables) table.reserve_more(static_cast<std::size_t>(fresh));
-  registry_->reserve_events(static_cast<std::size_t>((t % ps + tokens.size()) / ps));
+  // Only when the free pages do not cover the need can the call evict (and
+  // record events).
+  if (need > registry_->free_pages().count()) registry_->reserve_events(0);
+  const bool fills_a_page = t % ps + tokens.size() >= ps;
   std::vector<PrefixRegistry::Block*> blocks;
-  Content chain = *r.content;
-  prepare_blocks(chain, t, tokens, r.serial, blocks);
+  std::optional<Content> chain;  // the key chain after the call, when a page fills
+  if (fills_a_page) {
+    registry_->reserve_events(static_cast<std::size_t>((t % ps + tokens.size()) / ps));
+    chain.emplace(*r.content);
+    prepare_blocks(*chain, t, tokens, r.serial, blocks);
+  } else {
+    // The common decode step: the tokens join the partial page; only the
+    // tail grows (room made here, so the change below cannot throw).
+    std::vector<TokenId>& tail = r.content->tail;
+    if (tail.capacity() < tail.size() + tokens.size()) tail.reserve(static_cast<std::size_t>(ps));
+  }
 
   const auto first_slot = static_cast<std::size_t>(t % ps);
   const std::size_t end_slot = std::min<std::size_t>(static_cast<std::size_t>(ps), first_slot + tokens.size());
@@ -665,7 +684,11 @@ bool PagedKVCache::append_token_ids(std::string_view id, std::span<const TokenId
     registry_->stored(*b);
   }
   registry_->counters().blocks_duplicate += duplicates;
-  *r.content = std::move(chain);
+  if (chain.has_value()) {
+    *r.content = std::move(*chain);
+  } else {
+    r.content->tail.insert(r.content->tail.end(), tokens.begin(), tokens.end());  // no allocation
+  }
   stored_ = stored;
   KVCACHE_AUDIT(check_invariants());
   return true;
@@ -727,7 +750,8 @@ bool PagedKVCache::fork(std::string_view parent_id, std::string_view child_id) {
 bool PagedKVCache::append_one(Request& r, std::size_t layer, std::span<const std::byte> key,
                               std::span<const std::byte> value) {
   const Tokens stored = stored_ + Tokens{1U};  // overflow_error before any change
-  registry_->reserve_events(0);               // an eviction below records an event
+  // Only without a free page can the append below evict (and record an event).
+  if (registry_->free_pages() == Pages{0}) registry_->reserve_events(0);
   PageList& table = r.tables[layer];
   if (layer_last_page_full(r, layer)) {
     const bool can = registry_->free_pages() > Pages{0} || registry_->cached_pages() > Pages{0};
@@ -794,9 +818,12 @@ bool PagedKVCache::append_token_all_layers(std::string_view id) {
   if (step_need(r) > registry_->free_pages().count() + registry_->evictable_except(nullptr)) {
     return false;  // INV-PAGED-6: all layers or none
   }
-  // Everything that can throw before the first change.
+  // Everything that can throw before the first change. Room for the events
+  // of every eviction the step may make: each eviction records one event and
+  // drops one block, so the appends below never need more.
   const Tokens stored = stored_ + Tokens{r.tables.size()};
   for (PageList& table : r.tables) table.reserve_more(1);
+  registry_->reserve_events(0);
   // `swap` layers first, while free + cached >= 1 is still guaranteed: each
   // leaves free + cached as it was. Then `page` layers, one page each, by
   // eviction when none is free; an eviction can only lower what is left.
@@ -831,7 +858,7 @@ void PagedKVCache::write_kv(std::string_view id, std::size_t layer, std::size_t 
   }
   const auto ps = static_cast<std::size_t>(page_size_.count());
   const std::size_t index = position / ps;
-  registry_->reserve_events(0);  // a copy may evict a content block
+  if (registry_->free_pages() == Pages{0}) registry_->reserve_events(0);  // a copy may evict
   if (!make_writable(r, layer, index)) {
     throw OutOfPages("kvcache: " + std::string(where) + ": request " + quoted(id) + ", layer " +
                      std::to_string(layer) + ", position " + std::to_string(position) +

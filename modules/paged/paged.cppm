@@ -283,6 +283,7 @@ class PagedKVCache {
   // A content-addressed request's key chain (allocate_paged with token ids).
   struct Content {
     std::string salt;
+    std::uint64_t salt_hash = 0;            // PrefixRegistry::salt_hash(salt)
     std::vector<TokenId> tail;              // token ids past the last full page
     std::optional<std::uint64_t> last_key;  // key of the last full page
     std::uint64_t last_serial = 0;          // block the next full page names as parent

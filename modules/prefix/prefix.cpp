@@ -182,13 +182,22 @@ void PrefixRegistry::page_left_cache(Entry& p) noexcept {
 
 // ---- PrefixRegistry: content blocks and events ------------------------------
 
+std::uint64_t PrefixRegistry::salt_hash(std::string_view salt) noexcept {
+  return XXH3_64bits(salt.data(), salt.size());
+}
+
 std::uint64_t PrefixRegistry::block_key(std::optional<std::uint64_t> parent, std::string_view salt,
                                         std::span<const TokenId> tokens) const noexcept {
+  return block_key(parent, salt_hash(salt), tokens);
+}
+
+std::uint64_t PrefixRegistry::block_key(std::optional<std::uint64_t> parent,
+                                        std::uint64_t salt_hash,
+                                        std::span<const TokenId> tokens) const noexcept {
   if (collide_keys_) return 0x6b76636163686521ULL;  // testing: every key the same
-  // seed = H(parent present, parent key, salt); key = H_seed(token ids). The
-  // salt goes through its own hash so that no salt can mimic a parent.
-  std::uint64_t head[3] = {parent.has_value() ? 1U : 0U, parent.value_or(0),  // NOLINT(cppcoreguidelines-avoid-c-arrays): hashed as bytes
-                           XXH3_64bits(salt.data(), salt.size())};
+  // seed = H(parent present, parent key, H(salt)); key = H_seed(token ids).
+  // The salt goes through its own hash so that no salt can mimic a parent.
+  const std::uint64_t head[3] = {parent.has_value() ? 1U : 0U, parent.value_or(0), salt_hash};  // NOLINT(cppcoreguidelines-avoid-c-arrays): hashed as bytes
   const XXH64_hash_t seed = XXH3_64bits(static_cast<const void*>(head), sizeof head);
   return XXH3_64bits_withSeed(tokens.data(), tokens.size_bytes(), seed);
 }

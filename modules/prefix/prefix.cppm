@@ -259,6 +259,11 @@ class PrefixRegistry {
   // a first block), under `salt`: XXH3-64, chained. O(tokens).
   [[nodiscard]] std::uint64_t block_key(std::optional<std::uint64_t> parent, std::string_view salt,
                                         std::span<const TokenId> tokens) const noexcept;
+  // The same with the salt's hash computed once per request (salt_hash).
+  [[nodiscard]] std::uint64_t block_key(std::optional<std::uint64_t> parent,
+                                        std::uint64_t salt_hash,
+                                        std::span<const TokenId> tokens) const noexcept;
+  [[nodiscard]] static std::uint64_t salt_hash(std::string_view salt) noexcept;
   // The block keyed `key` whose parent block is `parent_serial` (0: none),
   // whose token ids and salt are these, or nullptr. Candidates under the key
   // are confirmed by content: a collision is a miss. O(tokens) per candidate.
