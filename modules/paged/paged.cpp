@@ -518,6 +518,23 @@ void PagedKVCache::prepare_blocks(Content& chain, std::uint64_t from,
   chain = std::move(next);
 }
 
+// Gives each prepared block the pages of `r` that hold its tokens (one per
+// layer) and records it as stored; a null entry is a page an equal block
+// already covers. noexcept: the blocks and their events were prepared.
+void PagedKVCache::store_blocks(const Request& r,
+                                std::span<PrefixRegistry::Block* const> blocks) noexcept {
+  const std::uint64_t ps = page_size_.count();
+  for (PrefixRegistry::Block* b : blocks) {
+    if (b == nullptr) {
+      ++registry_->counters().blocks_duplicate;
+      continue;
+    }
+    const auto index = static_cast<std::size_t>(b->first_token / ps);
+    for (const PageList& table : r.tables) registry_->hold(*b, table[index]);
+    registry_->stored(*b);
+  }
+}
+
 bool PagedKVCache::allocate_paged(std::string_view id, std::span<const TokenId> prompt,
                                   std::string_view salt) {
   constexpr const char* where = "PagedKVCache::allocate_paged";
@@ -585,22 +602,12 @@ bool PagedKVCache::allocate_paged(std::string_view id, std::span<const TokenId> 
   for (PageList& table : req.tables) {
     for (std::uint64_t k = matched; k < per_layer; ++k) table.adopt(take_page());
   }
-  std::uint64_t duplicates = 0;
-  for (PrefixRegistry::Block* b : fresh_blocks) {
-    if (b == nullptr) {
-      ++duplicates;
-      continue;
-    }
-    const auto index = static_cast<std::size_t>(b->first_token / ps);
-    for (const PageList& table : req.tables) registry_->hold(*b, table[index]);
-    registry_->stored(*b);
-  }
+  store_blocks(req, fresh_blocks);
   PrefixCounters& c = registry_->counters();
   c.content_prompt_tokens += prompt.size();
   c.content_hit_tokens += matched_tokens;
   c.pages_saved += layers * matched;
   c.tokens_saved += layers * matched_tokens;
-  c.blocks_duplicate += duplicates;
   stored_ = stored;
   KVCACHE_AUDIT(check_invariants());
   return true;
@@ -673,17 +680,7 @@ bool PagedKVCache::append_token_ids(std::string_view id, std::span<const TokenId
     }
     r.tokens[l] = total.count();
   }
-  std::uint64_t duplicates = 0;
-  for (PrefixRegistry::Block* b : blocks) {
-    if (b == nullptr) {
-      ++duplicates;
-      continue;
-    }
-    const auto index = static_cast<std::size_t>(b->first_token / ps);
-    for (const PageList& table : r.tables) registry_->hold(*b, table[index]);
-    registry_->stored(*b);
-  }
-  registry_->counters().blocks_duplicate += duplicates;
+  store_blocks(r, blocks);
   if (chain.has_value()) {
     *r.content = std::move(*chain);
   } else {

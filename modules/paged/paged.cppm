@@ -351,6 +351,7 @@ class PagedKVCache {
   // `chain` as it was.
   void prepare_blocks(Content& chain, std::uint64_t from, std::span<const TokenId> ids,
                       std::uint64_t registrant, std::vector<PrefixRegistry::Block*>& out);
+  void store_blocks(const Request& r, std::span<PrefixRegistry::Block* const> blocks) noexcept;
 
   // Invariants:
   //   INV-PAGED-1  free + used + cached == total pages (conservation)
