@@ -551,7 +551,6 @@ bool PagedKVCache::allocate_paged(std::string_view id, std::span<const TokenId> 
   std::vector<PrefixRegistry::Block*> hits;
   hits.reserve(max_hit);
   Content chain{std::string(salt), PrefixRegistry::salt_hash(salt), {}, std::nullopt, 0};
-  chain.tail.reserve(ps);  // appends into the partial page never allocate
   for (std::size_t i = 0; i < max_hit; ++i) {
     const auto page = prompt.subspan(i * ps, ps);
     const std::uint64_t key = registry_->block_key(chain.last_key, chain.salt_hash, page);
@@ -655,8 +654,13 @@ bool PagedKVCache::append_token_ids(std::string_view id, std::span<const TokenId
   } else {
     // The common decode step: the tokens join the partial page; only the
     // tail grows (room made here, so the change below cannot throw).
+    // Geometric growth, never past a page (a page may be far larger than
+    // any prompt: room for it is not reserved up front).
     std::vector<TokenId>& tail = r.content->tail;
-    if (tail.capacity() < tail.size() + tokens.size()) tail.reserve(static_cast<std::size_t>(ps));
+    const std::size_t want = tail.size() + tokens.size();
+    if (tail.capacity() < want) {
+      tail.reserve(std::max(want, std::min(2 * tail.capacity(), static_cast<std::size_t>(ps))));
+    }
   }
 
   const auto first_slot = static_cast<std::size_t>(t % ps);

@@ -19,9 +19,15 @@
 //    is that one (allocate fits exactly when used + reservation <= budget;
 //    allocate_paged exactly when the pages it needs are free or cached and
 //    evictable; an append fails only when no page is free or cached).
+// Automatic prefix caching by content is fuzzed too (prompts of token ids
+// from a 3-token vocabulary, 2 salts, so that prefixes are found often):
+// a page shared by content always holds a block of exactly the prompt's
+// token ids and salt, at most prompt - 1 tokens are shared, the rest reads
+// as zero, per-layer appends to such a request are refused, and a call
+// fails only when free pages could not cover it.
 // The only model is a shadow of the live request ids (to pick known and
-// unknown ids) and the ids' set of names; everything else is read from the
-// cache itself.
+// unknown ids, and which were allocated by content) and the ids' set of
+// names; everything else is read from the cache itself.
 //
 // Input format (tests/fuzz/make_seeds.py writes seeds in it):
 //   byte 0          bit 0: 0 basic, 1 paged; bit 1: Storage::none;
@@ -525,13 +531,13 @@ class PagedHarness {
   void step(Reader& in) {
     const std::uint8_t op = in.u8();
     switch (op % 16U) {
-      case 0:
-      case 14: allocate(in); break;
+      case 0: allocate(in); break;
+      case 14: allocate_content(in); break;
       case 1: allocate_prefix(in); break;
       case 2: append_bytes(in); break;
       case 3: append_floats(in); break;
-      case 4:
-      case 13: append_zero(in); break;
+      case 4: append_zero(in); break;
+      case 13: append_ids(in); break;
       case 5: append_all(in); break;
       case 6: write_bytes(in, false); break;
       case 15: write_bytes(in, true); break;
@@ -796,6 +802,8 @@ class PagedHarness {
       expect(got, Outcome::shape, "append_token_paged: a wrong row");
     } else if (!live(id)) {
       expect(got, Outcome::unknown, "append_token_paged: an unknown id");
+    } else if (content_.contains(id)) {
+      expect(got, Outcome::logic, "append_token_paged: a request allocated with token ids");
     } else if (overflows) {
       expect(got, Outcome::overflow, "append_token_paged: stored tokens overflowing 64 bits");
     } else {
@@ -856,6 +864,8 @@ class PagedHarness {
     const Outcome got = attempt([&] { return c_.append_token_all_layers(id); });
     if (!live(id)) {
       expect(got, Outcome::unknown, "append_token_all_layers: an unknown id");
+    } else if (content_.contains(id)) {
+      expect(got, Outcome::logic, "append_token_all_layers: a request allocated with token ids");
     } else if (need > s.free_pages.count() + s.cached_pages.count()) {
       expect(got, Outcome::no, "append_token_all_layers: all layers exactly when their pages can be had");
     } else {
@@ -954,6 +964,110 @@ class PagedHarness {
                   "write_kv (floats)");
   }
 
+  // Automatic prefix caching by content. Prompts come from a vocabulary of
+  // 3 token ids and 2 salts, so that prefixes are found often.
+  std::vector<kvcache::TokenId> token_ids_from(Reader& in, std::size_t most) {
+    std::vector<kvcache::TokenId> ids(in.u8() % (most + 1));
+    for (auto& t : ids) t = in.u8() % 3U;
+    return ids;
+  }
+
+  // Every page shared by content holds a block of exactly these token ids
+  // and salt: no content is ever shared by key alone.
+  void shared_pages_match(const std::string& id, std::span<const kvcache::TokenId> prompt,
+                          std::string_view salt, std::uint64_t cached) const {
+    for (std::size_t l = 0; l < layers_; ++l) {
+      const auto table = c_.block_table(id, l);
+      for (std::uint64_t i = 0; i < cached / ps_; ++i) {
+        const auto* b = c_.registry().block_owner(table[static_cast<std::size_t>(i)]);
+        check(b != nullptr, "allocate_paged (token ids): a shared page belongs to a block");
+        const auto want = prompt.subspan(static_cast<std::size_t>(i * ps_), static_cast<std::size_t>(ps_));
+        check(std::equal(b->tokens.begin(), b->tokens.end(), want.begin(), want.end()) && b->salt == salt &&
+                  b->first_token == i * ps_,
+              "allocate_paged (token ids): a shared page holds other content");
+      }
+    }
+  }
+
+  void allocate_content(Reader& in) {
+    const std::string id = id_from(in, live_);
+    const auto prompt = token_ids_from(in, 40);
+    const std::string_view salt = (in.u8() & 1U) != 0 ? "a" : "";
+    trace([&] { return "allocate_paged(\"" + id + "\", " + std::to_string(prompt.size()) + " token ids, \"" +
+          std::string(salt) + "\")"; });
+    const PagedSnapshot before = snapshot(c_);
+    const PagedStats s = c_.stats();
+    const std::uint64_t per_layer = (prompt.size() / ps_) + (prompt.size() % ps_ != 0 ? 1U : 0U);
+    const Outcome got = attempt([&] { return c_.allocate_paged(id, prompt, salt); });
+    if (live(id)) {
+      expect(got, Outcome::no, "allocate_paged (token ids): a duplicate id");
+    } else if (stored_overflows(prompt.size(), layers_)) {
+      check(got == Outcome::overflow || got == Outcome::no, "allocate_paged (token ids): stored tokens overflowing",
+            name(got));
+    } else {
+      check(got == Outcome::ok || got == Outcome::no, "allocate_paged (token ids)", name(got));
+      // Without any page shared it needs per_layer * layers pages: free ones always do.
+      check(got == Outcome::ok || per_layer * layers_ > s.free_pages.count(),
+            "allocate_paged (token ids): false although the free pages cover the whole prompt");
+    }
+    if (got != Outcome::ok) return unchanged(before, "allocate_paged (token ids)");
+    live_.insert(id);
+    content_.insert(id);
+    const PagedSnapshot after = snapshot(c_);
+    others_unchanged(before, after, "allocate_paged (token ids)", {id});
+    const std::uint64_t cached = c_.cached_tokens(id).count();
+    check(cached % ps_ == 0 && (prompt.empty() ? cached == 0 : cached < prompt.size()),
+          "allocate_paged (token ids): whole pages, at most prompt - 1 tokens cached");
+    check(c_.content_addressed(id), "allocate_paged (token ids): content addressed");
+    const PagedRequest& r = after.requests.at(id);
+    for (std::size_t l = 0; l < layers_; ++l) {
+      check(r.tokens[l] == prompt.size(), "allocate_paged (token ids): every layer holds the prompt");
+      if (!host_) continue;
+      for (std::size_t t = cached; t < prompt.size(); ++t) {
+        check(r.keys[l][t] == Row(row_, '\0') && r.values[l][t] == Row(row_, '\0'),
+              "allocate_paged (token ids): tokens past the cached ones read as zero");
+      }
+    }
+    shared_pages_match(id, prompt, salt, cached);
+  }
+
+  void append_ids(Reader& in) {
+    const std::string id = id_from(in, live_);
+    const auto ids = token_ids_from(in, 12);
+    trace([&] { return "append_token_ids(\"" + id + "\", " + std::to_string(ids.size()) + " token ids)"; });
+    const PagedSnapshot before = snapshot(c_);
+    const PagedStats s = c_.stats();
+    const Outcome got = attempt([&] { return c_.append_token_ids(id, ids); });
+    if (!live(id)) {
+      expect(got, Outcome::unknown, "append_token_ids: an unknown id");
+    } else if (!content_.contains(id)) {
+      expect(got, Outcome::logic, "append_token_ids: a request allocated without token ids");
+    } else if (ids.empty()) {
+      expect(got, Outcome::ok, "append_token_ids: nothing to append");
+    } else if (stored_overflows(ids.size(), layers_)) {
+      check(got == Outcome::overflow || got == Outcome::no, "append_token_ids: stored tokens overflowing", name(got));
+    } else {
+      check(got == Outcome::ok || got == Outcome::no, "append_token_ids", name(got));
+      // At most one new page per layer per page of tokens, plus a copy of
+      // the last page: free pages that cover that always do.
+      const std::uint64_t most = layers_ * (ids.size() / ps_ + 2U);
+      check(got == Outcome::ok || most > s.free_pages.count(),
+            "append_token_ids: false although the free pages cover every page it could need");
+    }
+    if (got != Outcome::ok) return unchanged(before, "append_token_ids");
+    const PagedSnapshot after = snapshot(c_);
+    others_unchanged(before, after, "append_token_ids", {id});
+    const PagedRequest& was = before.requests.at(id);
+    const PagedRequest& now = after.requests.at(id);
+    for (std::size_t l = 0; l < layers_; ++l) {
+      check(now.tokens[l] == was.tokens[l] + ids.size(), "append_token_ids: every layer grew by the tokens");
+      if (!host_) continue;
+      std::vector<Row> k = was.keys[l];
+      k.resize(k.size() + ids.size(), Row(row_, '\0'));
+      check(now.keys[l] == k, "append_token_ids: old bytes kept, zero tokens added");
+    }
+  }
+
   void fork(Reader& in) {
     const std::string parent = id_from(in, live_);
     const std::string child = id_from(in, live_);
@@ -978,6 +1092,8 @@ class PagedHarness {
     }
     if (got != Outcome::ok) return unchanged(before, "fork");
     live_.insert(child);
+    if (content_.contains(parent)) content_.insert(child);
+    check(c_.cached_tokens(child) == c_.cached_tokens(parent), "fork: the child has the parent's cached tokens");
     const PagedSnapshot after = snapshot(c_);
     others_unchanged(before, after, "fork", {child});
     const PagedRequest& p = after.requests.at(parent);
@@ -994,6 +1110,7 @@ class PagedHarness {
     expect(got, live(id) ? Outcome::ok : Outcome::unknown, "free");
     if (got != Outcome::ok) return unchanged(before, "free");
     live_.erase(id);
+    content_.erase(id);
     const PagedSnapshot after = snapshot(c_);
     others_unchanged(before, after, "free", {id});
     check(!c_.contains(id), "free: the id is gone");
@@ -1014,9 +1131,13 @@ class PagedHarness {
   void clear() {
     trace([&] { return "clear_prefix_cache()"; });
     const PagedSnapshot before = snapshot(c_);
-    const std::size_t registered = c_.stats().registered_prefixes;
+    const std::size_t registered = c_.stats().registered_prefixes + c_.registry().num_blocks();
     const std::size_t n = c_.clear_prefix_cache();
-    check(n == registered, "clear_prefix_cache returns the prefixes it evicted");
+    check(n == registered, "clear_prefix_cache returns the prefixes and blocks it dropped");
+    check(c_.registry().num_blocks() == 0, "clear_prefix_cache: no block left");
+    const auto events = c_.drain_events();
+    check(!events.empty() && events.back().kind == kvcache::KvEventKind::all_cleared,
+          "clear_prefix_cache: ends with an all_cleared event");
     check(c_.stats().cached_pages == Pages{0} && c_.stats().registered_prefixes == 0,
           "clear_prefix_cache: nothing cached or registered");
     others_unchanged(before, snapshot(c_), "clear_prefix_cache", {});
@@ -1039,6 +1160,7 @@ class PagedHarness {
 
   PagedKVCache c_;
   std::set<std::string> live_;  // the shadow: ids the cache must hold
+  std::set<std::string> content_;  // of those, allocated with token ids (or forked from one)
   std::size_t row_;
   std::size_t elements_;
   std::uint32_t layers_;

@@ -125,6 +125,14 @@ def queries(i, l):
     return bytes([12]) + ID(i) + LAYER(l)
 
 
+def alloc_content(i, tokens, salt=0):  # token ids 0..2; salt 0: "", 1: "a"
+    return bytes([14]) + ID(i) + bytes([len(tokens)] + list(tokens)) + bytes([salt])
+
+
+def append_ids(i, tokens):
+    return bytes([13]) + ID(i) + bytes([len(tokens)] + list(tokens))
+
+
 def paged(config, page, pages, *ops, none=False):
     head = bytes([PAGED | SMALL | (NONE if none else 0)]) + config + bytes([page - 1, pages, 0])
     return head + b"".join(ops)
@@ -177,6 +185,18 @@ SEEDS = {
         alloc_prefix(2, 6, 0, 6), append(2, 0), write(1, 0, 1), free(0), free(1), free(2),
         alloc(3, 20), alloc_prefix(4, 9, 0, 6), alloc_prefix(5, 8, 1, 8), alloc_prefix(6, 10, 1, 8),
         evict(0), evict(2), free(4), clear(), alloc_prefix(7, 3, 5, 3)),
+    # Automatic prefix caching by content: a prompt, the same prompt again
+    # (a hit), another salt (a miss), decode steps that fill pages, a fork
+    # appending the same tokens (an equal block), per-layer appends refused,
+    # frees (blocks cached), a hit on cached blocks, pressure that evicts
+    # them, clear.
+    "seed-paged-content": paged(
+        TWO_LAYERS, 2, 24,
+        alloc_content(0, [0, 1, 2, 0, 1]), write(0, 0, 0), write(0, 1, 3), alloc_content(1, [0, 1, 2, 0, 2]),
+        alloc_content(2, [0, 1, 2, 0, 1], 1), append_ids(0, [2, 2, 1]), fork(0, 3), append_ids(3, [0]),
+        append_ids(0, [0]), append_zero(0, 0), append_all(1), append_ids(4, [1]), alloc(4, 3),
+        append_ids(4, [1]), free(0), free(3), alloc_content(5, [0, 1, 2, 0, 1, 2, 2, 1, 0]),
+        alloc(6, 20), alloc_content(7, [1] * 12), write(5, 1, 2), free(5), clear(), alloc_content(8, [])),
     "seed-paged-pressure": paged(
         TWO_LAYERS, 4, 6,
         alloc_prefix(0, 6, 0, 5), free(0), alloc(1, 4), append_zero(1, 0), append_zero(1, 0),
@@ -253,6 +273,13 @@ SEEDS |= {
         small_config(4, 1, 4, 2), 4, 40,
         alloc_prefix(0, 9, 0, 6), bytes([1]) + ID(1) + NEAR_MAX + HASH(0) + TOK(6)),
 }
+
+# Inputs libFuzzer found, kept byte for byte (they are not readable programs).
+# regression-content-huge-page-reserve: page size ~2^46 in Storage::none, then
+# allocate_paged by token ids, which reserved a whole page of token ids.
+SEEDS["regression-content-huge-page-reserve"] = bytes.fromhex(
+    "5b04ffffff031000570000000606000000030406000105030401010b000601020900090109"
+    "0200031401040900060105080108010608ffc1fecaffffffffffff000000006e67")
 
 if __name__ == "__main__":
     OUT.mkdir(exist_ok=True)

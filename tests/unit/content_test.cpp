@@ -602,6 +602,20 @@ TEST(ContentCacheTest, ANamedPrefixHitReportsItsTokensAsCached) {
   EXPECT_FALSE(cache.content_addressed("b"));
 }
 
+// Regression (fuzzer, tests/fuzz/corpus/regression-content-huge-page-reserve):
+// allocation reserved room for a whole page of token ids up front, so a page
+// size of 2^46 in Storage::none asked for 2^48 bytes.
+TEST(ContentCacheTest, AHugePageSizeReservesNothingUpFront) {
+  const Tokens page{1ULL << 46};
+  PagedKVCache cache(kOne, Bytes{4 * kOne.bytes_per_page(page).count()}, page, Storage::none);
+  ASSERT_TRUE(cache.allocate_paged("a", seq(0, 9)));
+  for (TokenId t = 9; t < 100; ++t) ASSERT_TRUE(cache.append_token_ids("a", std::vector<TokenId>{t}));
+  ASSERT_TRUE(cache.allocate_paged("b", seq(0, 9)));
+  EXPECT_EQ(cache.cached_tokens("b"), Tokens{0});  // no full page to share
+  EXPECT_EQ(cache.tokens("a", 0), Tokens{100});
+  expect_consistent(cache);
+}
+
 TEST(ContentCacheTest, StorageNoneKeepsTheSameBookkeeping) {
   PagedKVCache cache(kTwo, pages(10), kPage, Storage::none);
   ASSERT_TRUE(cache.allocate_paged("a", seq(0, 9)));
