@@ -493,11 +493,12 @@ void PagedKVCache::prepare_blocks(Content& chain, std::uint64_t from,
       // parent: no lookup is needed.
       const PrefixRegistry::Block* same =
           made_one ? nullptr : registry_->find_block(key, next.last_serial, page, next.salt);
+      // Room first, so that a prepared block is never lost; a null entry is
+      // a page whose equal content is cached already: chain on to it.
+      out.push_back(nullptr);
       if (same != nullptr) {
-        out.push_back(nullptr);  // equal content is cached already: chain on to it
         next.last_serial = same->serial;
       } else {
-        out.push_back(nullptr);  // room first, so that the block is never lost
         PrefixRegistry::Block& b =
             registry_->prepare_block(key, next.last_key, next.last_serial, pos - ps, page,
                                      next.salt, config_.num_layers, registrant);
@@ -624,7 +625,7 @@ bool PagedKVCache::append_token_ids(std::string_view id, std::span<const TokenId
   const std::uint64_t ps = page_size_.count();
   const std::uint64_t t = r.tokens.front();  // every layer holds t tokens
   const Tokens total = Tokens{t} + Tokens{std::uint64_t{tokens.size()}};  // overflow_error
-  const Pages total_pages = pages_to_allocate(where, id, total);           // overflow_error
+  (void)pages_to_allocate(where, id, total);                               // overflow_error
   const std::uint64_t fresh = pages_for(total, page_size_).count() - pages_for(Tokens{t}, page_size_).count();
   // A partial last page the request cannot write in place is copied first.
   std::uint64_t copies = 0;
@@ -633,7 +634,6 @@ bool PagedKVCache::append_token_ids(std::string_view id, std::span<const TokenId
       copies += registry_->writable_by(table.back(), r.serial) ? 0U : 1U;
     }
   }
-  static_cast<void>(total_pages);
   const std::uint64_t need = config_.num_layers * fresh + copies;
   if (need > registry_->free_pages().count() + registry_->evictable_except(nullptr)) {
     return false;  // INV-PAGED-6: nothing changed
@@ -820,8 +820,10 @@ bool PagedKVCache::append_token_all_layers(std::string_view id) {
     return false;  // INV-PAGED-6: all layers or none
   }
   // Everything that can throw before the first change. Room for the events
-  // of every eviction the step may make: each eviction records one event and
-  // drops one block, so the appends below never need more.
+  // of every eviction the step may make (`swap` layers take free pages
+  // beyond `need`, so even a step that fits in the free pages may evict):
+  // each eviction records one event and drops one block, so the appends
+  // below never need more.
   const Tokens stored = stored_ + Tokens{r.tables.size()};
   for (PageList& table : r.tables) table.reserve_more(1);
   registry_->reserve_events(0);

@@ -4,7 +4,6 @@ module;
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <optional>
 #include <span>
@@ -250,13 +249,19 @@ PrefixRegistry::Block& PrefixRegistry::prepare_block(std::uint64_t key,
   return ref;
 }
 
-void PrefixRegistry::unprepare_block(Block& b) noexcept {
-  KVCACHE_EXPECTS(b.pages.empty() && !b.on_lru);
+// Removes `b` from the key index, which owns (and so destroys) it. O(blocks
+// under its key): one unless keys collide.
+void PrefixRegistry::erase_block(const Block& b) noexcept {
   auto [it, end] = blocks_.equal_range(b.key);
   while (it != end && it->second.get() != &b) ++it;
   KVCACHE_ASSERT(it != end);
+  blocks_.erase(it);
+}
+
+void PrefixRegistry::unprepare_block(Block& b) noexcept {
+  KVCACHE_EXPECTS(b.pages.empty() && !b.on_lru);
   const std::uint64_t serial = b.serial;
-  blocks_.erase(it);  // destroys b
+  erase_block(b);  // destroys b
   // Undone newest first, a block gives its serial back: a failed call leaves
   // even the serials as they were.
   if (serial + 1 == next_block_serial_) --next_block_serial_;
@@ -313,10 +318,7 @@ void PrefixRegistry::evict(Entry& p, KvRemovalReason why) noexcept {
   e.key = block.key;
   e.reason = why;
   record(std::move(e));
-  auto [it, end] = blocks_.equal_range(block.key);
-  while (it != end && it->second.get() != &block) ++it;
-  KVCACHE_ASSERT(it != end);
-  blocks_.erase(it);  // destroys p
+  erase_block(block);  // destroys p
 }
 
 void PrefixRegistry::evict_lru() noexcept {

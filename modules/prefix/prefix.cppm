@@ -322,6 +322,7 @@ class PrefixRegistry {
   void page_became_cached(Entry& p) noexcept;
   void page_left_cache(Entry& p) noexcept;
   void record(KvEvent e) noexcept;
+  void erase_block(const Block& b) noexcept;
 
   struct HashOf {
     using is_transparent = void;
